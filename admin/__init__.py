@@ -1,0 +1,1 @@
+"""The admin side of costwall: web UI, JSON admin API and invoices."""

@@ -1,0 +1,150 @@
+"""The app factory: ``create_app(settings)`` wires every part; importing does no I/O.
+
+Long-lived resources (ledger writer, upstream ``ClientSession``) open and close in
+``cleanup_ctx``. Errors become responses in one middleware: the OpenAI error shape under
+``/v1``, ``{"error": {...}}`` JSON for the admin API.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from gateway.audit import AuditTrail
+from gateway.budget import BudgetEngine
+from gateway.config import Settings
+from gateway.errors import GatewayError, NotFound
+from gateway.keys import KeyRing
+from gateway.ledger import open_ledger
+from gateway.metrics import Metrics
+from gateway.pricing import PriceTable, load_price_table
+from gateway.proxy import REQUEST_ID_KEY, new_request_id, setup_routes
+from gateway.services import GATEWAY, OVERRIDE_SETTING, Gateway, OverrideState
+
+log = logging.getLogger("costwall")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain errors to their status and shape; never a traceback for client input."""
+    request[REQUEST_ID_KEY] = new_request_id()
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        if exc.status != 402 and request.path.startswith("/v1/"):
+            gw = request.app[GATEWAY]
+            gw.metrics.requests.labels("rejected", "-").inc()
+        log.info("request %s answered %d: %s", request[REQUEST_ID_KEY], exc.status, exc.code)
+        return web.Response(
+            status=exc.status, body=exc.to_json(), content_type="application/json",
+            headers={"X-Costwall-Request-Id": request[REQUEST_ID_KEY]},
+        )
+    except web.HTTPException as exc:
+        if not request.path.startswith("/v1/") or exc.status < 400:
+            raise
+        error = GatewayError(exc.reason)
+        error.status, error.code = exc.status, exc.reason.lower().replace(" ", "_")
+        if exc.status == 404:
+            error = NotFound(f"Unknown endpoint {request.method} {request.path}.")
+        elif exc.status == 405:
+            error.message = f"Method {request.method} is not allowed on {request.path}."
+        return web.Response(status=error.status, body=error.to_json(),
+                            content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    if await gw.ledger.ping():
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "database unreachable"}, status=503)
+
+
+def _resources(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        await gw.ledger.start()
+        recovered = await gw.ledger.recover()
+        if recovered:
+            log.warning("settled %d requests left pending by a crash at their reserved cost",
+                        recovered)
+        stored = await gw.ledger.get_setting(OVERRIDE_SETTING)
+        if stored is not None:
+            gw.overrides.state = OverrideState.from_json(stored)
+        else:
+            gw.overrides.state = OverrideState(gw.settings.override_allow,
+                                               "initial setting (override.allow)", "config")
+        for key, limit in (await gw.ledger.caps()).items():
+            await gw.budgets.set_limit(key, limit)
+        gw.keys.reload(await gw.ledger.keys())
+        await gw.budgets.book()
+        gw.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=gw.settings.upstream_max_connections,
+                                           limit_per_host=0, ttl_dns_cache=300),
+            auto_decompress=True, skip_auto_headers=("User-Agent",),
+        )
+        yield
+        await gw.session.close()
+        await gw.ledger.close()
+
+    return resources
+
+
+def build_gateway(
+    settings: Settings,
+    *,
+    prices: PriceTable | None = None,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> Gateway:
+    """Construct (without starting) every part the app needs."""
+    if prices is None:
+        prices, problems = load_price_table(settings.pricing_path)
+        if problems:
+            raise ValueError("price table problems:\n" + "\n".join(problems))
+    clock = clock or (lambda: datetime.now(UTC))
+    ledger = open_ledger(settings.database, synchronous=settings.db_synchronous,
+                         pool_size=settings.db_pool_size)
+    budgets = BudgetEngine(
+        settings.budgets.limits, settings.budgets.tz, settings.budgets.warn_at,
+        ledger.spend_by_scope, settings.budgets.near_cap, settings.budgets.min_output_tokens,
+        clock,
+    )
+    metrics = Metrics(registry)
+    metrics.watch_budgets(budgets.status)
+    return Gateway(settings, prices, ledger, budgets, KeyRing(settings.keys),
+                   AuditTrail(settings.logs_dir, clock), metrics, clock)
+
+
+def create_app(settings: Settings, **parts: object) -> web.Application:
+    """The whole gateway as one aiohttp application (proxy, admin, metrics, health)."""
+    gw = build_gateway(settings, **parts)  # type: ignore[arg-type]
+    app = web.Application(middlewares=[error_middleware],
+                          client_max_size=settings.max_body_bytes)
+    app[GATEWAY] = gw
+    app.cleanup_ctx.append(_resources(gw))
+    setup_routes(app)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(gw.metrics.registry))
+    try:
+        from admin import setup as setup_admin
+    except ImportError:  # the admin package is optional for a bare proxy
+        pass
+    else:
+        setup_admin(app)
+    return app
+
+
+def json_dumps(value: object) -> str:
+    return orjson.dumps(value).decode()

@@ -1,0 +1,124 @@
+"""Domain errors, each knowing its HTTP status and OpenAI error shape.
+
+Raised anywhere on the request path and turned into a response by one middleware
+(``gateway.app.error_middleware``), so handlers never build error bodies by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    """An error the gateway itself answers with, in OpenAI's ``{"error": {...}}`` shape."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.body())
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "invalid_request"
+
+
+class UnknownModel(GatewayError):
+    status = 400
+    code = "model_not_found"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "override_not_allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "request_too_large"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
+class BudgetExceeded(GatewayError):
+    """402: the request's upper-bound cost does not fit a scope's monthly budget.
+
+    Never 429 or 5xx: the OpenAI SDK retries those, and a fleet would hammer the gateway.
+    """
+
+    status = 402
+    type = "budget_exceeded"
+    code = "budget_exceeded"
+
+    def __init__(
+        self, *, scope: str, scope_id: str, period: str, limit: int, spent: int, reserved: int,
+        estimate: int,
+    ):
+        self.scope, self.scope_id, self.period = scope, scope_id, period
+        self.limit, self.spent, self.reserved, self.estimate = limit, spent, reserved, estimate
+        from gateway.budget import describe  # circular at import time only
+
+        super().__init__(describe(self))
+
+    def body(self) -> dict[str, Any]:
+        from gateway.money import format_usd
+
+        body = super().body()
+        body["budget"] = {
+            "scope": self.scope,
+            "id": self.scope_id,
+            "period": self.period,
+            "limit_usd": format_usd(self.limit),
+            "spent_usd": format_usd(self.spent),
+            "reserved_usd": format_usd(self.reserved),
+            "estimate_usd": format_usd(self.estimate),
+        }
+        return body

@@ -1,0 +1,40 @@
+"""Virtual keys: configured ones plus those admins create, looked up by SHA-256."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gateway.config import VirtualKey, hash_key
+from gateway.errors import Unauthorized
+from gateway.ledger import KeyRecord
+
+
+class KeyRing:
+    """Maps a presented secret to its key. Rebuilt (not mutated) when admins change keys."""
+
+    def __init__(self, configured: Iterable[VirtualKey], stored: Iterable[KeyRecord] = ()):
+        self.configured = tuple(configured)
+        self.reload(stored)
+
+    def reload(self, stored: Iterable[KeyRecord]) -> None:
+        by_hash = {k.key_sha256: k for k in self.configured}
+        for r in stored:
+            if r.revoked_at is None:
+                by_hash[r.key_sha256] = VirtualKey(r.name, r.key_sha256, r.tenant, r.agent,
+                                                   r.can_override)
+        self._by_hash = by_hash
+        self.tenants = frozenset(k.tenant for k in by_hash.values())
+        self.agents = frozenset(k.agent for k in by_hash.values())
+        self.names = frozenset(k.name for k in by_hash.values())
+
+    def authenticate(self, authorization: str | None) -> VirtualKey:
+        """The key behind an ``Authorization: Bearer`` header, or 401."""
+        if not authorization or not authorization[:7].lower() == "bearer ":
+            raise Unauthorized(
+                "Missing API key. Send your costwall virtual key as 'Authorization: Bearer "
+                "<key>'."
+            )
+        key = self._by_hash.get(hash_key(authorization[7:].strip()))
+        if key is None:
+            raise Unauthorized("Incorrect API key provided: not a known costwall virtual key.")
+        return key

@@ -1,0 +1,167 @@
+"""The ledger interface: one durable row per forwarded request, plus the small admin state.
+
+Two backends implement ``Ledger``: ``gateway.ledger_sqlite`` (the embedded default) and
+``gateway.ledger_pg`` (shared by several replicas). The request path only ever calls
+``begin`` (a durable *pending* row at the reserved upper bound, before anything is forwarded)
+and ``settle`` (the final row, written in the background). A crash between the two leaves a
+pending row that ``recover`` settles at its reserved amount, so nothing that reached the
+upstream is lost or under-counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from gateway.budget import GLOBAL, ScopeKey
+
+USAGE_SOURCES = ("upstream", "counted", "reserved", "none")
+GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task")
+
+
+@dataclass(slots=True)
+class LedgerEntry:
+    """One forwarded request. Money in integer pico-USD."""
+
+    id: str
+    ts: datetime
+    period: str
+    tenant: str
+    key_name: str
+    agent: str
+    campaign: str | None
+    task: str | None
+    model: str
+    endpoint: str
+    stream: bool = False
+    state: str = "pending"
+    status: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    reserved: int = 0
+    cost: int = 0
+    usage_source: str = "none"
+    override: bool = False
+    override_reason: str | None = None
+    latency_ms: int = 0
+    replica: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+COLUMNS = tuple(LedgerEntry.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A virtual key created through the admin API (config keys are not stored)."""
+
+    name: str
+    key_sha256: str
+    tenant: str
+    agent: str
+    can_override: bool
+    created_at: datetime
+    revoked_at: datetime | None = None
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One group of a usage report."""
+
+    group: str
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cost: int
+    overrides: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Ledger(Protocol):
+    """Durable storage for requests, admin state and the spend that budgets start from."""
+
+    replica: str
+
+    async def start(self) -> None:
+        """Open connections, migrate the schema, start the writer."""
+
+    async def close(self) -> None:
+        """Flush every queued write and close."""
+
+    async def ping(self) -> bool:
+        """True when the database answers (for /readyz)."""
+
+    async def recover(self) -> int:
+        """Settle pending rows left by a crash at their reserved upper bound; return the count."""
+
+    async def begin(self, entry: LedgerEntry) -> None:
+        """Durably record a pending entry; returns once it is committed."""
+
+    def settle(self, entry: LedgerEntry) -> None:
+        """Queue the final version of an entry (non-blocking; ``flush`` waits for it)."""
+
+    async def flush(self) -> None:
+        """Wait until every queued write is committed."""
+
+    async def spend_by_scope(self, period: str) -> dict[ScopeKey, int]:
+        """Spend per (scope, id) in a period; pending rows count at their reserved amount."""
+
+    async def get_setting(self, key: str) -> str | None: ...
+
+    async def set_setting(self, key: str, value: str) -> None: ...
+
+    async def caps(self) -> dict[ScopeKey, int | None]:
+        """Caps set by admins, overriding config; None means the limit was removed."""
+
+    async def set_cap(self, key: ScopeKey, limit: int | None) -> None: ...
+
+    async def keys(self) -> list[KeyRecord]: ...
+
+    async def add_key(self, record: KeyRecord) -> None: ...
+
+    async def revoke_key(self, name: str, when: datetime) -> bool: ...
+
+    async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
+        """Settled totals of a period grouped by one of ``GROUP_BY``."""
+
+    async def entries(self, period: str, tenant: str | None = None) -> list[LedgerEntry]:
+        """Every entry of a period in time order (for CSV invoices)."""
+
+    async def periods(self) -> list[str]:
+        """Months that have entries, newest first."""
+
+    async def count(self) -> int:
+        """Number of rows (tests and health)."""
+
+
+def fold_spend(rows: list[tuple[str, str, str | None, str, int]]) -> dict[ScopeKey, int]:
+    """Turn (tenant, agent, campaign, key_name, cost) group sums into per-scope spend."""
+    spend: dict[ScopeKey, int] = {}
+    for tenant, agent, campaign, key_name, cost in rows:
+        cost = int(cost or 0)
+        for key in (GLOBAL, ("tenant", tenant), ("agent", agent), ("key", key_name)):
+            spend[key] = spend.get(key, 0) + cost
+        if campaign:
+            spend[("campaign", campaign)] = spend.get(("campaign", campaign), 0) + cost
+    return spend
+
+
+def open_ledger(url: str, **options: Any) -> Ledger:
+    """The backend for a ``database`` URL (``sqlite:///path`` or ``postgresql://...``)."""
+    if url.startswith("sqlite:///"):
+        from gateway.ledger_sqlite import SqliteLedger
+
+        return SqliteLedger(url.removeprefix("sqlite:///"), **options)
+    if url.startswith(("postgresql://", "postgres://")):
+        from gateway.ledger_pg import PostgresLedger  # type: ignore[import-not-found]
+
+        return PostgresLedger(url, **options)  # type: ignore[no-any-return]
+    raise ValueError(f"unsupported database URL {url!r}")

@@ -1,0 +1,336 @@
+"""SQLite ledger: WAL mode, one writer task that group-commits a queue of writes.
+
+Shape taken from datasette's ``execute_write_fn``: the only write connection belongs to one
+task fed by a queue; every write waiting when a batch starts shares its single commit, so a
+busy gateway pays one commit (and, with ``synchronous=FULL``, one fsync) per batch rather than
+per request. Reads use a second connection, which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway.budget import ScopeKey
+from gateway.ledger import COLUMNS, GROUP_BY, KeyRecord, LedgerEntry, UsageRow, fold_spend
+
+log = logging.getLogger("costwall.ledger")
+
+MIGRATIONS: list[str] = [
+    # 1: the request ledger and admin state
+    """
+    CREATE TABLE requests (
+        id TEXT PRIMARY KEY, ts TEXT NOT NULL, period TEXT NOT NULL, tenant TEXT NOT NULL,
+        key_name TEXT NOT NULL, agent TEXT NOT NULL, campaign TEXT, task TEXT,
+        model TEXT NOT NULL, endpoint TEXT NOT NULL, stream INTEGER NOT NULL,
+        state TEXT NOT NULL, status INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+        reserved INTEGER NOT NULL, cost INTEGER NOT NULL, usage_source TEXT NOT NULL,
+        override INTEGER NOT NULL, override_reason TEXT, latency_ms INTEGER NOT NULL,
+        replica TEXT NOT NULL
+    );
+    CREATE INDEX requests_period_ts ON requests (period, ts);
+    CREATE INDEX requests_pending ON requests (state) WHERE state = 'pending';
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at TEXT NOT NULL);
+    CREATE TABLE budget_caps (
+        scope TEXT NOT NULL, id TEXT NOT NULL, monthly INTEGER, updated_at TEXT NOT NULL,
+        PRIMARY KEY (scope, id)
+    );
+    CREATE TABLE api_keys (
+        name TEXT PRIMARY KEY, key_sha256 TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL,
+        agent TEXT NOT NULL, can_override INTEGER NOT NULL, created_at TEXT NOT NULL,
+        revoked_at TEXT, prefix TEXT NOT NULL
+    );
+    """,
+]
+
+_INSERT_PENDING = (
+    f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+_UPSERT = (
+    f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
+    f"ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "id")
+)
+_BATCH = 512
+
+
+def _ts(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_ts(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def _row(entry: LedgerEntry) -> tuple[Any, ...]:
+    values = []
+    for name in COLUMNS:
+        value = getattr(entry, name)
+        if isinstance(value, datetime):
+            value = _ts(value)
+        elif isinstance(value, bool):
+            value = int(value)
+        values.append(value)
+    return tuple(values)
+
+
+def _entry(row: aiosqlite.Row) -> LedgerEntry:
+    data = dict(row)
+    data["ts"] = _parse_ts(data["ts"])
+    data["stream"] = bool(data["stream"])
+    data["override"] = bool(data["override"])
+    return LedgerEntry(**data)
+
+
+class SqliteLedger:
+    """The embedded ledger. One process owns the file; see ``gateway.ledger`` for the contract."""
+
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL", replica: str = "local",
+                 **_: Any):
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.replica = replica
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._queue = asyncio.Queue()
+        self._writer = await self._connect()
+        await self._migrate(self._writer)
+        self._reader = await self._connect()
+        self._idle.set()
+        self._task = asyncio.create_task(self._write_loop(), name="costwall-ledger-writer")
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+            rows = await conn.execute_fetchall("SELECT MAX(version) FROM schema_version")
+            current = rows[0][0] or 0
+            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await self.flush()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                await conn.close()
+        self._writer = self._reader = None
+
+    # -- the writer --------------------------------------------------------------------------
+    async def _write_loop(self) -> None:
+        assert self._writer is not None
+        while True:
+            first = await self._queue.get()
+            self._idle.clear()
+            batch = [first]
+            while len(batch) < _BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+                outcomes: list[BaseException | None] = [None] * len(batch)
+            except Exception:
+                outcomes = []
+                for item in batch:
+                    try:
+                        await self._commit([item])
+                        outcomes.append(None)
+                    except Exception as exc:
+                        log.error("ledger write failed: %s", exc)
+                        outcomes.append(exc)
+            for (_sql, _params, fut), error in zip(batch, outcomes, strict=True):
+                if fut is not None and not fut.done():
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
+            if self._queue.empty():
+                self._idle.set()
+
+    async def _commit(self, batch: list[tuple[str, tuple[Any, ...], Any]]) -> None:
+        assert self._writer is not None
+        # Pending inserts first (INSERT OR IGNORE), then the rest in queue order: a settle
+        # upsert never runs before its own pending insert, and either order yields the same row.
+        groups: dict[str, list[tuple[Any, ...]]] = {_INSERT_PENDING: []}
+        for sql, params, _ in batch:
+            groups.setdefault(sql, []).append(params)
+        await self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in groups.items():
+                if rows:
+                    await self._writer.executemany(sql, rows)
+            await self._writer.execute("COMMIT")
+        except BaseException:
+            await self._writer.execute("ROLLBACK")
+            raise
+
+    async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((sql, params, fut))
+        await fut
+
+    async def flush(self) -> None:
+        while not self._queue.empty() or not self._idle.is_set():
+            await self._idle.wait()
+            await asyncio.sleep(0)
+
+    # -- the request path --------------------------------------------------------------------
+    async def begin(self, entry: LedgerEntry) -> None:
+        entry.replica = self.replica
+        await self._write(_INSERT_PENDING, _row(entry))
+
+    def settle(self, entry: LedgerEntry) -> None:
+        entry.replica = self.replica
+        self._queue.put_nowait((_UPSERT, _row(entry), None))
+
+    async def recover(self) -> int:
+        rows = await self._fetch("SELECT COUNT(*) FROM requests WHERE state = 'pending'")
+        count = int(rows[0][0])
+        if count:
+            await self._write(
+                "UPDATE requests SET state = 'settled', cost = reserved, "
+                "usage_source = 'reserved' WHERE state = 'pending'"
+            )
+        return count
+
+    # -- reads -------------------------------------------------------------------------------
+    async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
+        assert self._reader is not None
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def ping(self) -> bool:
+        try:
+            await self._fetch("SELECT 1")
+        except Exception:
+            return False
+        return True
+
+    async def spend_by_scope(self, period: str) -> dict[ScopeKey, int]:
+        rows = await self._fetch(
+            "SELECT tenant, agent, campaign, key_name, "
+            "SUM(CASE WHEN state = 'pending' THEN reserved ELSE cost END) "
+            "FROM requests WHERE period = ? GROUP BY tenant, agent, campaign, key_name",
+            (period,),
+        )
+        return fold_spend([tuple(r) for r in rows])  # type: ignore[misc]
+
+    async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
+        if group_by not in GROUP_BY:
+            raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
+        column = "substr(ts, 1, 10)" if group_by == "day" else f"COALESCE({group_by}, '')"
+        where, params = "period = ?", [period]
+        if tenant is not None:
+            where += " AND tenant = ?"
+            params.append(tenant)
+        rows = await self._fetch(
+            f"SELECT {column} AS grp, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), "
+            "SUM(completion_tokens), SUM(reasoning_tokens), "
+            "SUM(CASE WHEN state = 'pending' THEN reserved ELSE cost END), SUM(override) "
+            f"FROM requests WHERE {where} GROUP BY grp ORDER BY grp",
+            tuple(params),
+        )
+        return [UsageRow(str(r[0]), *(int(v or 0) for v in tuple(r)[1:])) for r in rows]
+
+    async def entries(self, period: str, tenant: str | None = None) -> list[LedgerEntry]:
+        sql = f"SELECT {', '.join(COLUMNS)} FROM requests WHERE period = ?"
+        params: tuple[Any, ...] = (period,)
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            params += (tenant,)
+        return [_entry(r) for r in await self._fetch(sql + " ORDER BY ts, id", params)]
+
+    async def periods(self) -> list[str]:
+        rows = await self._fetch("SELECT DISTINCT period FROM requests ORDER BY period DESC")
+        return [r[0] for r in rows]
+
+    async def count(self) -> int:
+        return int((await self._fetch("SELECT COUNT(*) FROM requests"))[0][0])
+
+    # -- admin state -------------------------------------------------------------------------
+    async def get_setting(self, key: str) -> str | None:
+        rows = await self._fetch("SELECT value FROM settings WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self._write(
+            "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) "
+            "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            (key, value, _ts(datetime.now(UTC))),
+        )
+
+    async def caps(self) -> dict[ScopeKey, int | None]:
+        rows = await self._fetch("SELECT scope, id, monthly FROM budget_caps")
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    async def set_cap(self, key: ScopeKey, limit: int | None) -> None:
+        await self._write(
+            "INSERT INTO budget_caps (scope, id, monthly, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (scope, id) DO UPDATE SET monthly = excluded.monthly, "
+            "updated_at = excluded.updated_at",
+            (key[0], key[1], limit, _ts(datetime.now(UTC))),
+        )
+
+    async def keys(self) -> list[KeyRecord]:
+        rows = await self._fetch(
+            "SELECT name, key_sha256, tenant, agent, can_override, created_at, revoked_at, "
+            "prefix FROM api_keys ORDER BY created_at"
+        )
+        return [
+            KeyRecord(r[0], r[1], r[2], r[3], bool(r[4]), _parse_ts(r[5]),  # type: ignore[arg-type]
+                      _parse_ts(r[6]), r[7])
+            for r in rows
+        ]
+
+    async def add_key(self, record: KeyRecord) -> None:
+        await self._write(
+            "INSERT INTO api_keys (name, key_sha256, tenant, agent, can_override, created_at, "
+            "revoked_at, prefix) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+            (record.name, record.key_sha256, record.tenant, record.agent,
+             int(record.can_override), _ts(record.created_at), record.prefix),
+        )
+
+    async def revoke_key(self, name: str, when: datetime) -> bool:
+        rows = await self._fetch(
+            "SELECT 1 FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)
+        )
+        if not rows:
+            return False
+        await self._write(
+            "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            (_ts(when), name),
+        )
+        return True

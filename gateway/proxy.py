@@ -1,0 +1,419 @@
+"""The request path, top to bottom, like a filter chain:
+
+authenticate -> read -> attribute -> estimate -> reserve -> record pending -> forward ->
+relay -> settle -> record.
+
+Local answers (401, 400, 403, 413, 402) happen before anything is forwarded. Once a
+reservation exists, ``settle`` runs in a ``finally``: a disconnect, an upstream error or a
+failure mid-stream can never leave a reservation open or a forwarded request unrecorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.budget import ClampRequest, Reservation, scopes_for
+from gateway.config import VirtualKey
+from gateway.errors import (
+    BadRequest,
+    BudgetExceeded,
+    Forbidden,
+    GatewayError,
+    PayloadTooLarge,
+    UnknownModel,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.estimate import Estimate, counted_output, estimate
+from gateway.headers import client_response_headers, upstream_request_headers
+from gateway.ledger import LedgerEntry
+from gateway.money import format_usd
+from gateway.pricing import ModelPrice, Usage
+from gateway.services import GATEWAY, Gateway
+from gateway.tokens import count_text, encoding
+from gateway.usage import StreamMeter, usage_from_body
+
+log = logging.getLogger("costwall.proxy")
+
+ENDPOINTS = {
+    "chat/completions": "chat",
+    "completions": "completions",
+    "embeddings": "embeddings",
+    "responses": "responses",
+}
+REQUEST_ID_KEY = "costwall_request_id"
+OFFLOAD_BYTES = 64 * 1024  # count large prompts in a thread so the event loop keeps serving
+_HEADER_VALUE_MAX = 128
+
+
+@dataclass(slots=True)
+class Call:
+    """Everything known about one proxied request as it moves down the path."""
+
+    id: str
+    started: float
+    endpoint: str
+    key: VirtualKey
+    agent: str
+    campaign: str | None
+    task: str | None
+    model: str
+    price: ModelPrice
+    payload: dict[str, Any]
+    body: bytes
+    estimate: Estimate
+    stream: bool
+    strip_usage: bool = False
+    reservation: Reservation | None = None
+    override_reason: str | None = None
+    blocked_by: BudgetExceeded | None = None  # the scope an override let this request past
+    entry: LedgerEntry | None = None
+    status: int = 0
+    usage: Usage | None = None
+    usage_source: str = "none"
+    upstream_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- request stages ---------------------------------------------------------------------------
+async def read_payload(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The body as bytes and as a JSON object; 413 past ``limit``, 400 if not a JSON object."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.") from None
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("We could not parse the JSON body of your request (it must be "
+                         "UTF-8 encoded JSON).") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body, payload
+
+
+def _header(request: web.Request, name: str) -> str | None:
+    value = request.headers.get(name)
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if len(value) > _HEADER_VALUE_MAX or not value.isprintable():
+        raise BadRequest(f"Header {name} must be at most {_HEADER_VALUE_MAX} printable "
+                         "characters.", param=name)
+    return value
+
+
+def resolve_model(gw: Gateway, payload: dict[str, Any]) -> tuple[str, ModelPrice]:
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("You must provide a model parameter.", param="model")
+    price = gw.prices.lookup(model)
+    if price is None and gw.settings.unknown_model != "reject":
+        price = gw.prices.lookup(gw.settings.unknown_model)
+    if price is None:
+        raise UnknownModel(
+            f"The model '{model[:100]}' has no price in costwall's price table, so it "
+            "cannot be budgeted.", param="model")
+    return model, price
+
+
+def requested_override(request: web.Request, key: VirtualKey) -> str | None:
+    """The per-request override reason, if the header is present and the key may use it."""
+    if "X-Costwall-Override" not in request.headers:
+        return None
+    if not key.can_override:
+        raise Forbidden(f"Key '{key.name}' is not allowed to override budgets "
+                        "(X-Costwall-Override needs a key with can_override: true).")
+    reason = request.headers["X-Costwall-Override"].strip()
+    if not reason:
+        raise BadRequest("X-Costwall-Override needs a reason, e.g. "
+                         "'X-Costwall-Override: incident 4711'.", param="X-Costwall-Override")
+    return reason[:200]
+
+
+async def admit(gw: Gateway, request: web.Request, endpoint: str) -> Call:
+    """Authenticate, read, attribute, estimate and reserve; raises before forwarding."""
+    key = gw.keys.authenticate(request.headers.get("Authorization"))
+    body, payload = await read_payload(request, gw.settings.max_body_bytes)
+    model, price = resolve_model(gw, payload)
+    if (endpoint == "embeddings" and price.kind != "embedding") or (
+            endpoint != "embeddings" and price.kind == "embedding"):
+        raise BadRequest(f"The model '{model[:100]}' does not support this endpoint.",
+                         param="model")
+    agent = _header(request, "X-Costwall-Agent") or key.agent
+    campaign = _header(request, "X-Costwall-Campaign")
+    task = _header(request, "X-Costwall-Task")
+    override_reason = requested_override(request, key)
+    if len(body) > OFFLOAD_BYTES:
+        est = await asyncio.to_thread(estimate, endpoint, payload, price)
+    else:
+        est = estimate(endpoint, payload, price)
+    stream = payload.get("stream") is True
+    call = Call(request[REQUEST_ID_KEY], time.perf_counter(), endpoint, key, agent, campaign,
+                task, model, price, payload, body, est, stream)
+
+    amount = price.upper_bound(est.prompt_tokens, est.total_output)
+    clamp = None
+    if est.output_field and est.output_tokens:
+        clamp = ClampRequest(price.upper_bound(est.prompt_tokens, 0),
+                             price.upper_bound(0, 1), est.output_tokens, est.choices)
+    scopes = scopes_for(key.tenant, agent, campaign, key.name)
+    try:
+        call.reservation = await gw.budgets.reserve(scopes, amount, clamp=clamp)
+    except BudgetExceeded as exc:
+        reason = override_reason or gw.overrides.reason()
+        if reason is None:
+            gw.record_blocked(call, exc)
+            raise
+        call.reservation = await gw.budgets.reserve(scopes, amount, force=True)
+        call.override_reason = reason
+        call.blocked_by = exc
+    if call.reservation.clamped_tokens is not None and est.output_field:
+        payload[est.output_field] = call.reservation.clamped_tokens
+        call.body = orjson.dumps(payload)
+    if stream and endpoint in ("chat", "completions"):
+        options = payload.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            payload["stream_options"] = {**(options or {}), "include_usage": True}
+            call.strip_usage = True
+            call.body = orjson.dumps(payload)
+    return call
+
+
+# -- forwarding -------------------------------------------------------------------------------
+def _our_headers(gw: Gateway, call: Call) -> list[tuple[str, str]]:
+    headers = [("X-Costwall-Request-Id", call.id)]
+    if call.reservation is not None:
+        if call.reservation.clamped_tokens is not None:
+            headers.append(("X-Costwall-Clamped-Max-Tokens", str(call.reservation.clamped_tokens)))
+        for warning in gw.budgets.warnings(call.reservation):
+            headers.append(("X-Costwall-Budget-Warning", warning))
+    return headers
+
+
+async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamResponse:
+    """Send the call upstream and relay the answer; fills ``call.status`` and ``call.usage``."""
+    url = f"{gw.settings.upstream_url}/{request.match_info['endpoint']}"
+    timeout = aiohttp.ClientTimeout(
+        total=None if call.stream else gw.settings.upstream_timeout_s,
+        sock_connect=gw.settings.upstream_connect_timeout_s,
+        sock_read=gw.settings.upstream_timeout_s,
+    )
+    headers = upstream_request_headers(request.headers.items(), gw.settings.upstream_key)
+    sent = time.perf_counter()
+    try:
+        upstream = await gw.session.post(url, data=call.body, headers=headers, timeout=timeout)
+    except aiohttp.ClientConnectorError as exc:  # nothing reached the upstream: costs nothing
+        raise UpstreamUnavailable(f"The upstream API is unreachable ({type(exc).__name__}).") \
+            from None
+    except TimeoutError:
+        call.usage_source = "reserved"  # it may have been processed: never under-count
+        raise UpstreamTimeout("The upstream API did not answer in time.") from None
+    except aiohttp.ClientError as exc:
+        call.usage_source = "reserved"
+        raise UpstreamUnavailable(f"The upstream API failed ({type(exc).__name__}).") from None
+    call.status = upstream.status
+    try:
+        if upstream.content_type == "text/event-stream":
+            return await relay_stream(gw, request, call, upstream)
+        try:
+            body = await upstream.read()
+        except TimeoutError:
+            call.usage_source = "reserved"
+            raise UpstreamTimeout("The upstream API did not finish its answer in time.") from None
+        except aiohttp.ClientError:
+            call.usage_source = "reserved"
+            raise UpstreamUnavailable("The upstream API closed the connection mid-answer.") \
+                from None
+        call.upstream_seconds = time.perf_counter() - sent
+        call.usage = usage_from_body(call.endpoint, body)
+        if call.usage is not None:
+            call.usage_source = "upstream"
+        elif upstream.status < 400:
+            call.usage = counted_usage(call, _json_or_none(body))
+        settle(gw, call)
+        response = web.Response(status=upstream.status, body=body)
+        for name, value in client_response_headers(upstream.headers.items()):
+            response.headers.add(name, value)
+        for name, value in _our_headers(gw, call):
+            response.headers.add(name, value)
+        response.headers["X-Costwall-Cost-Usd"] = format_usd(call.entry.cost if call.entry else 0)
+        remaining = gw.budgets.remaining(call.reservation) if call.reservation else None
+        if remaining is not None:
+            response.headers["X-Costwall-Budget-Remaining-Usd"] = format_usd(max(remaining, 0))
+        return response
+    finally:
+        upstream.release()
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def counted_usage(call: Call, data: Any = None, streamed_text: str | None = None) -> Usage:
+    """Usage by counting, for answers that carried none: estimate in, counted text out."""
+    call.usage_source = "counted"
+    if streamed_text is not None:
+        out = count_text(streamed_text, encoding(call.price.encoding))
+    else:
+        out = counted_output(call.endpoint, data, call.price.encoding)
+    return Usage(prompt_tokens=call.estimate.prompt_tokens, completion_tokens=out)
+
+
+async def relay_stream(
+    gw: Gateway, request: web.Request, call: Call, upstream: aiohttp.ClientResponse
+) -> web.StreamResponse:
+    """Relay SSE chunk by chunk as it arrives; charge what was produced however it ends."""
+    response = web.StreamResponse(status=upstream.status)
+    for name, value in client_response_headers(upstream.headers.items()):
+        response.headers.add(name, value)
+    for name, value in _our_headers(gw, call):
+        response.headers.add(name, value)
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    meter = StreamMeter(call.endpoint, strip_usage_chunk=call.strip_usage)
+    client_alive = True
+    await response.prepare(request)
+    first = time.perf_counter()
+    try:
+        async for chunk in upstream.content.iter_any():
+            out = meter.feed(chunk)
+            if out:
+                try:
+                    await response.write(out)
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    client_alive = False
+                    log.info("client went away mid-stream (request %s)", call.id)
+                    break
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("upstream stream cut (request %s): %s", call.id, type(exc).__name__)
+    finally:
+        call.upstream_seconds = time.perf_counter() - first
+        tail = meter.finish()
+        call.usage = meter.usage
+        if call.usage is not None:
+            call.usage_source = "upstream"
+        else:
+            call.usage = counted_usage(call, streamed_text=meter.streamed_text)
+        settle(gw, call)
+    if client_alive:
+        try:
+            if tail:
+                await response.write(tail)
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+    return response
+
+
+# -- settlement -------------------------------------------------------------------------------
+def settle(gw: Gateway, call: Call) -> None:
+    """Turn the reservation into the actual cost, once, and record the final ledger row."""
+    reservation, entry = call.reservation, call.entry
+    if reservation is None or reservation.settled:
+        return
+    tier = call.payload.get("service_tier")
+    if call.usage is not None:
+        cost = call.price.cost(call.usage, tier if isinstance(tier, str) else None)
+    elif entry is not None and call.usage_source == "reserved":
+        cost = reservation.amount  # reached the upstream, outcome unknown: never under-count
+    else:
+        cost = 0
+    crossings = gw.budgets.settle(reservation, cost)
+    if entry is not None:
+        usage = call.usage or Usage()
+        entry.state = "settled"
+        entry.status = call.status
+        entry.prompt_tokens = usage.prompt_tokens
+        entry.cached_tokens = usage.cached_tokens
+        entry.completion_tokens = usage.completion_tokens
+        entry.reasoning_tokens = usage.reasoning_tokens
+        entry.cost = cost
+        entry.usage_source = call.usage_source
+        entry.latency_ms = int((time.perf_counter() - call.started) * 1000)
+        gw.ledger.settle(entry)
+    gw.record_settled(call, cost, crossings)
+
+
+# -- the handlers -----------------------------------------------------------------------------
+async def handle_api(request: web.Request) -> web.StreamResponse:
+    """POST /v1/{chat/completions,completions,embeddings,responses}."""
+    gw = request.app[GATEWAY]
+    endpoint = ENDPOINTS[request.match_info["endpoint"]]
+    call = await admit(gw, request, endpoint)
+    assert call.reservation is not None
+    gw.inflight += 1
+    try:
+        call.entry = LedgerEntry(
+            id=call.id, ts=gw.clock(), period=call.reservation.period, tenant=call.key.tenant,
+            key_name=call.key.name, agent=call.agent, campaign=call.campaign, task=call.task,
+            model=call.model, endpoint=endpoint, stream=call.stream,
+            reserved=call.reservation.amount, override=call.override_reason is not None,
+            override_reason=call.override_reason,
+        )
+        try:
+            await gw.ledger.begin(call.entry)
+        except Exception:
+            call.entry = None
+            log.exception("ledger unavailable; request %s not forwarded", call.id)
+            raise
+        try:
+            return await forward(gw, request, call)
+        except GatewayError:
+            raise
+        except BaseException:
+            # Reached (or may have reached) the upstream and the outcome is unknown.
+            if call.usage is None:
+                call.usage_source = "reserved"
+            raise
+    finally:
+        gw.inflight -= 1
+        settle(gw, call)
+        gw.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - call.started)
+
+
+async def handle_models(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models[/id]: authenticated pass-through, costs nothing."""
+    gw = request.app[GATEWAY]
+    gw.keys.authenticate(request.headers.get("Authorization"))
+    url = f"{gw.settings.upstream_url}/{request.match_info['tail']}"
+    headers = upstream_request_headers(request.headers.items(), gw.settings.upstream_key)
+    try:
+        async with gw.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(
+                total=gw.settings.upstream_timeout_s)) as upstream:
+            body = await upstream.read()
+            response = web.Response(status=upstream.status, body=body)
+            for name, value in client_response_headers(upstream.headers.items()):
+                response.headers.add(name, value)
+    except TimeoutError:
+        raise UpstreamTimeout("The upstream API did not answer in time.") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"The upstream API is unreachable ({type(exc).__name__}).") \
+            from None
+    response.headers["X-Costwall-Request-Id"] = request[REQUEST_ID_KEY]
+    return response
+
+
+def new_request_id() -> str:
+    return "cw-" + secrets.token_hex(12)
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/{endpoint:chat/completions|completions|embeddings|responses}",
+                        handle_api)
+    app.router.add_get("/v1/{tail:models(/[^{}]+)?}", handle_models)
+

@@ -1,0 +1,137 @@
+"""The gateway's long-lived parts, wired once by ``create_app`` and kept in typed app state.
+
+``Gateway`` is the one object handlers reach through ``request.app[GATEWAY]``; it also owns
+the side effects of a decision (audit lines, metrics), so the request path only says *what*
+happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.audit import AuditTrail
+from gateway.budget import BudgetEngine, Crossing
+from gateway.config import Settings
+from gateway.errors import BudgetExceeded
+from gateway.keys import KeyRing
+from gateway.ledger import Ledger
+from gateway.metrics import Metrics
+from gateway.money import format_usd
+from gateway.pricing import PriceTable
+
+if TYPE_CHECKING:
+    from gateway.proxy import Call
+
+OVERRIDE_SETTING = "override.global"
+
+
+@dataclass(slots=True)
+class OverrideState:
+    """The global override switch; persisted in the ledger's settings table."""
+
+    enabled: bool = False
+    reason: str | None = None
+    actor: str | None = None
+    changed_at: str | None = None
+
+    def reason_if_on(self) -> str | None:
+        return f"global override: {self.reason or 'enabled'}" if self.enabled else None
+
+    def to_json(self) -> str:
+        return orjson.dumps({"enabled": self.enabled, "reason": self.reason,
+                             "actor": self.actor, "changed_at": self.changed_at}).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> OverrideState:
+        data = orjson.loads(text)
+        return cls(bool(data.get("enabled")), data.get("reason"), data.get("actor"),
+                   data.get("changed_at"))
+
+
+@dataclass
+class Overrides:
+    state: OverrideState = field(default_factory=OverrideState)
+
+    def reason(self) -> str | None:
+        return self.state.reason_if_on()
+
+
+@dataclass
+class Gateway:
+    """Everything the request path and the admin need, for one app instance."""
+
+    settings: Settings
+    prices: PriceTable
+    ledger: Ledger
+    budgets: BudgetEngine
+    keys: KeyRing
+    audit: AuditTrail
+    metrics: Metrics
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    overrides: Overrides = field(default_factory=Overrides)
+    session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set at startup
+    inflight: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    # -- label hygiene: only configured names become metric labels ----------------------------
+    def agent_label(self, agent: str) -> str:
+        return agent if agent in self.keys.agents or ("agent", agent) in \
+            self.budgets.limits else "other"
+
+    # -- what happened to a request -----------------------------------------------------------
+    def record_blocked(self, call: Call, exc: BudgetExceeded) -> None:
+        self.metrics.requests.labels("blocked", call.price.name).inc()
+        self.audit.record("blocked", self._execution(call, exc.scope, exc.scope_id, exc.limit,
+                                                     exc.spent, exc.estimate, exc.message))
+
+    def record_settled(self, call: Call, cost: int, crossings: list[Crossing]) -> None:
+        model = call.price.name
+        if call.status >= 400 or call.status == 0:
+            outcome = "upstream_error"
+        elif call.override_reason is not None:
+            outcome = "override"
+        else:
+            outcome = "allowed"
+        self.metrics.requests.labels(outcome, model).inc()
+        if call.usage is not None:
+            self.metrics.charged(call.key.tenant, self.agent_label(call.agent), model,
+                                 call.usage, cost)
+        if call.upstream_seconds:
+            self.metrics.upstream_duration.labels(call.endpoint).observe(call.upstream_seconds)
+        if call.override_reason is not None:
+            b = call.blocked_by
+            self.audit.record("override", self._execution(
+                call, b.scope if b else "", b.scope_id if b else "", b.limit if b else None,
+                b.spent if b else None, call.reservation.amount if call.reservation else 0,
+                call.override_reason))
+        for c in crossings:
+            self.metrics.warnings.labels(c.scope, c.id).inc()
+            self.audit.record("warning", {
+                "scope": c.scope, "id": c.id, "period": c.period,
+                "threshold": f"{int(c.threshold * 100)}%", "limit_usd": format_usd(c.limit),
+                "spent_usd": format_usd(c.spent)})
+
+    def _execution(self, call: Call, scope: str, scope_id: str, limit: int | None,
+                   spent: int | None, estimate: int, reason: str) -> dict[str, Any]:
+        return {
+            "request_id": call.id, "tenant": call.key.tenant, "agent": call.agent,
+            "campaign": call.campaign, "task": call.task, "model": call.model,
+            "estimate_usd": format_usd(estimate), "scope": f"{scope}:{scope_id}" if scope else "",
+            "limit_usd": format_usd(limit) if limit is not None else "",
+            "spent_usd": format_usd(spent) if spent is not None else "", "reason": reason,
+        }
+
+    def record_admin(self, actor: str, action: str, target: str, detail: str = "",
+                     reason: str = "") -> None:
+        self.audit.record("admin", {"actor": actor, "action": action, "target": target,
+                                    "detail": detail, "reason": reason})
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

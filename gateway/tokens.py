@@ -1,0 +1,194 @@
+"""Token counting with tiktoken from encoding files shipped in the package.
+
+Gateways run offline, so tiktoken's own downloader is never used: the ``.tiktoken`` files live
+in ``gateway/data/tiktoken`` and are checked against ``SHA256SUMS`` when first loaded. Counts
+here are estimates for admission and for streams that end without usage; the upstream's
+``usage`` is what gets billed whenever it exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import tiktoken
+
+DATA_DIR = Path(__file__).parent / "data" / "tiktoken"
+
+_O200K_PAT = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+_CL100K_PAT = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_SPECS: dict[str, tuple[str, dict[str, int]]] = {
+    "o200k_base": (_O200K_PAT, {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}),
+    "cl100k_base": (
+        _CL100K_PAT,
+        {
+            "<|endoftext|>": 100257,
+            "<|fim_prefix|>": 100258,
+            "<|fim_middle|>": 100259,
+            "<|fim_suffix|>": 100260,
+            "<|endofprompt|>": 100276,
+        },
+    ),
+}
+ENCODINGS = tuple(_SPECS)
+
+# Chat formula constants from the OpenAI cookbook ("How to count tokens with tiktoken").
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3
+TOOLS_OVERHEAD = 12
+# An image's token cost depends on its pixel size, which the gateway does not decode; this is an
+# upper bound for one image at "high" detail on current models, so admission never under-reserves.
+IMAGE_TOKENS_BOUND = 1_600
+
+_cache: dict[str, tiktoken.Encoding] = {}
+_lock = threading.Lock()
+
+
+class EncodingFileError(RuntimeError):
+    """A bundled encoding file is missing or does not match SHA256SUMS."""
+
+
+def _expected_hashes() -> dict[str, str]:
+    sums: dict[str, str] = {}
+    for line in (DATA_DIR / "SHA256SUMS").read_text().splitlines():
+        if line.strip():
+            digest, name = line.split()
+            sums[name] = digest
+    return sums
+
+
+def encoding(name: str) -> tiktoken.Encoding:
+    """Return the named encoding, loading and verifying its bundled file once per process."""
+    enc = _cache.get(name)
+    if enc is not None:
+        return enc
+    with _lock:
+        enc = _cache.get(name)
+        if enc is not None:
+            return enc
+        if name not in _SPECS:
+            raise EncodingFileError(f"unknown encoding {name!r}; bundled: {', '.join(ENCODINGS)}")
+        path = DATA_DIR / f"{name}.tiktoken"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise EncodingFileError(f"cannot read {path}: {exc}") from exc
+        expected = _expected_hashes().get(path.name)
+        actual = hashlib.sha256(data).hexdigest()
+        if expected != actual:
+            raise EncodingFileError(f"{path} has SHA-256 {actual}, SHA256SUMS says {expected}")
+        ranks = {
+            base64.b64decode(token): int(rank)
+            for token, rank in (line.split() for line in data.splitlines() if line)
+        }
+        pat, special = _SPECS[name]
+        enc = tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks, special_tokens=special)
+        _cache[name] = enc
+        return enc
+
+
+def count_text(text: str, enc: tiktoken.Encoding) -> int:
+    """Tokens in ``text``; special-token lookalikes in user text count as ordinary text."""
+    if not text:
+        return 0
+    return len(enc.encode_ordinary(text))
+
+
+def _count_content(content: Any, enc: tiktoken.Encoding) -> int:
+    """Tokens of a message ``content``: a string or a list of typed parts."""
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return count_text(content, enc)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if not isinstance(part, Mapping):
+                total += count_text(str(part), enc)
+                continue
+            kind = part.get("type", "")
+            if kind in ("image_url", "input_image", "image"):
+                total += IMAGE_TOKENS_BOUND
+            elif isinstance(part.get("text"), str):
+                total += count_text(part["text"], enc)
+            else:
+                total += count_text(orjson.dumps(part).decode(), enc)
+        return total
+    return count_text(orjson.dumps(content).decode(), enc)
+
+
+def count_messages(
+    messages: Iterable[Any], enc: tiktoken.Encoding, tools: Any = None
+) -> int:
+    """Prompt tokens of a chat request by the cookbook formula (plus tool definitions)."""
+    total = REPLY_PRIMING
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        if not isinstance(message, Mapping):
+            total += count_text(str(message), enc)
+            continue
+        for key, value in message.items():
+            if key == "content":
+                total += _count_content(value, enc)
+            elif isinstance(value, str):
+                total += count_text(value, enc)
+                if key == "name":
+                    total += TOKENS_PER_NAME
+            elif value is not None:
+                total += count_text(orjson.dumps(value).decode(), enc)
+    if tools:
+        total += TOOLS_OVERHEAD + count_text(orjson.dumps(tools).decode(), enc)
+    return total
+
+
+def count_responses_input(
+    input_: Any, enc: tiktoken.Encoding, instructions: Any = None, tools: Any = None
+) -> int:
+    """Prompt tokens of a Responses API request (``input`` string or list of items)."""
+    total = count_text(instructions, enc) if isinstance(instructions, str) else 0
+    if isinstance(input_, str):
+        total += TOKENS_PER_MESSAGE + count_text(input_, enc)
+    elif isinstance(input_, list):
+        for item in input_:
+            total += TOKENS_PER_MESSAGE
+            if isinstance(item, Mapping) and "content" in item:
+                total += _count_content(item["content"], enc)
+                if isinstance(item.get("role"), str):
+                    total += count_text(item["role"], enc)
+            else:
+                total += _count_content([item] if isinstance(item, Mapping) else item, enc)
+    if tools:
+        total += TOOLS_OVERHEAD + count_text(orjson.dumps(tools).decode(), enc)
+    return total + REPLY_PRIMING
+
+
+def count_prompt_input(value: Any, enc: tiktoken.Encoding) -> int:
+    """Tokens of a completions ``prompt`` or embeddings ``input``: text, texts, or token ids."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return count_text(value, enc)
+    if isinstance(value, list):
+        if all(isinstance(v, int) for v in value):
+            return len(value)
+        return sum(count_prompt_input(v, enc) for v in value)
+    return count_text(str(value), enc)
