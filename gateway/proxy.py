@@ -50,7 +50,7 @@ ENDPOINTS = {
     "embeddings": "embeddings",
     "responses": "responses",
 }
-REQUEST_ID_KEY = "costwall_request_id"
+REQUEST_ID_KEY = web.RequestKey("costwall_request_id", str)
 OFFLOAD_BYTES = 64 * 1024  # count large prompts in a thread so the event loop keeps serving
 _HEADER_VALUE_MAX = 128
 
@@ -286,7 +286,7 @@ async def relay_stream(
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     meter = StreamMeter(call.endpoint, strip_usage_chunk=call.strip_usage)
-    client_alive = True
+    client_alive, upstream_cut = True, False
     await response.prepare(request)
     first = time.perf_counter()
     try:
@@ -300,6 +300,7 @@ async def relay_stream(
                     log.info("client went away mid-stream (request %s)", call.id)
                     break
     except (aiohttp.ClientError, TimeoutError) as exc:
+        upstream_cut = True
         log.warning("upstream stream cut (request %s): %s", call.id, type(exc).__name__)
     finally:
         call.upstream_seconds = time.perf_counter() - first
@@ -310,7 +311,10 @@ async def relay_stream(
         else:
             call.usage = counted_usage(call, streamed_text=meter.streamed_text)
         settle(gw, call)
-    if client_alive:
+    if upstream_cut and request.transport is not None:
+        # Pass the cut on: a clean end would tell the client an incomplete answer was whole.
+        request.transport.close()
+    elif client_alive:
         try:
             if tail:
                 await response.write(tail)

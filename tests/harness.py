@@ -8,6 +8,7 @@ file, so tests exercise what operators write.
 from __future__ import annotations
 
 import asyncio
+import json as jsonlib
 import os
 import signal
 import socket
@@ -15,15 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import json as jsonlib
-import urllib.error
-import urllib.request
 import openai
 import yaml
 from aiohttp import web
@@ -129,6 +129,7 @@ class Stack:
     def __init__(self, directory: Path, clock: Callable[[], datetime] | None = None,
                  env: dict[str, str] | None = None, **config: Any):
         self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
         self.lt = LoopThread()
         self.state = FakeUpstreamState()
         self.upstream_runner, self.upstream_url, _ = self.lt.run(
