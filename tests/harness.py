@@ -123,6 +123,9 @@ def test_env(**extra: str) -> dict[str, str]:
     return env
 
 
+test_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 class Stack:
     """A running simulator and gateway for one test (or module)."""
 
