@@ -71,14 +71,20 @@ class ModelPrice:
             + usage.completion_tokens * output_price
         )
 
-    def upper_bound(self, prompt_tokens: int, max_output_tokens: int) -> int:
-        """Highest cost a request can reach: no cache hits, every allowed output token used."""
-        return prompt_tokens * max(self.input, self._max_tier("input")) + max_output_tokens * max(
-            self.output, self._max_tier("output")
-        )
+    def upper_bound(self, prompt_tokens: int, max_output_tokens: int,
+                    service_tier: str | None = None) -> int:
+        """Highest cost a request can reach: no cache hits, every allowed output token used.
 
-    def _max_tier(self, attr: str) -> int:
-        return max((getattr(t, attr) for t in self.service_tiers.values()), default=0)
+        ``service_tier`` "auto" may be served at any tier, so it is bounded by the dearest.
+        """
+        if service_tier == "auto" and self.service_tiers:
+            input_price = max(self.input, *(t.input for t in self.service_tiers.values()))
+            output_price = max(self.output, *(t.output for t in self.service_tiers.values()))
+        else:
+            tier = self.service_tiers.get(service_tier or "")
+            input_price = tier.input if tier else self.input
+            output_price = tier.output if tier else self.output
+        return prompt_tokens * input_price + max_output_tokens * output_price
 
 
 class PriceTable:

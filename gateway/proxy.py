@@ -163,11 +163,13 @@ async def admit(gw: Gateway, request: web.Request, endpoint: str) -> Call:
     call = Call(request[REQUEST_ID_KEY], time.perf_counter(), endpoint, key, agent, campaign,
                 task, model, price, payload, body, est, stream)
 
-    amount = price.upper_bound(est.prompt_tokens, est.total_output)
+    tier = payload.get("service_tier")
+    tier = tier if isinstance(tier, str) else None
+    amount = price.upper_bound(est.prompt_tokens, est.total_output, tier)
     clamp = None
     if est.output_field and est.output_tokens:
-        clamp = ClampRequest(price.upper_bound(est.prompt_tokens, 0),
-                             price.upper_bound(0, 1), est.output_tokens, est.choices)
+        clamp = ClampRequest(price.upper_bound(est.prompt_tokens, 0, tier),
+                             price.upper_bound(0, 1, tier), est.output_tokens, est.choices)
     scopes = scopes_for(key.tenant, agent, campaign, key.name)
     try:
         call.reservation = await gw.budgets.reserve(scopes, amount, clamp=clamp)
