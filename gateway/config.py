@@ -202,7 +202,8 @@ def _parse_budgets(
 
     global_raw = env.get("MAX_MONTHLY_BUDGET", raw.get("global"))
     if global_raw is not None:
-        where = "MAX_MONTHLY_BUDGET" if "MAX_MONTHLY_BUDGET" in env else "budgets.global"
+        where = ("MAX_MONTHLY_BUDGET" if "MAX_MONTHLY_BUDGET" in env
+                 else "budgets.global.monthly_usd")
         pico = _money(global_raw, where, problems)
         if pico is not None:
             limits[("global", "global")] = pico
