@@ -189,7 +189,22 @@ class BudgetEngine:
         ``clamp`` request and ``near_cap: clamp``, a request that does not fit is reserved at
         the largest output bound every scope still affords (at least ``min_output_tokens``).
         """
-        book = await self.book()
+        return self.admit(await self.book(), scopes, amount, force=force, clamp=clamp)
+
+    def admit(
+        self,
+        book: PeriodBook,
+        scopes: Iterable[ScopeKey],
+        amount: int,
+        *,
+        force: bool = False,
+        clamp: ClampRequest | None = None,
+    ) -> Reservation:
+        """The admission decision of ``reserve`` against ``book`` (which it updates).
+
+        Synchronous and pure apart from ``book``, so a shared engine can run it against rows
+        it holds locked in a database transaction.
+        """
         limited = tuple(k for k in dict.fromkeys(scopes) if k in book.states)
         states = [book.states[k] for k in limited]
         clamped: int | None = None
