@@ -29,6 +29,7 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     PayloadTooLarge,
+    ServiceUnavailable,
     UnknownModel,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -376,7 +377,9 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         except Exception:
             call.entry = None
             log.exception("ledger unavailable; request %s not forwarded", call.id)
-            raise
+            raise ServiceUnavailable(
+                "costwall cannot record this request (its ledger is unavailable), so it was "
+                "not forwarded. Try again shortly.", code="ledger_unavailable") from None
         try:
             return await forward(gw, request, call)
         except GatewayError:
