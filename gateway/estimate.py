@@ -60,7 +60,10 @@ def estimate(endpoint: str, payload: Mapping[str, Any], price: ModelPrice) -> Es
             raise BadRequest("'messages' must be a non-empty array.", param="messages")
         prompt = tokens.count_messages(messages, enc, payload.get("tools") or
                                        payload.get("functions"))
-        field = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+        # Clamp the field the client used; if none, max_completion_tokens, which every current
+        # chat model accepts (reasoning models refuse max_tokens).
+        field = "max_tokens" if "max_tokens" in payload and "max_completion_tokens" not in \
+            payload else "max_completion_tokens"
         requested = _positive_int(payload, "max_completion_tokens") or _positive_int(
             payload, "max_tokens")
         return Estimate(prompt, requested or price.max_output_tokens, _choices(payload), field)

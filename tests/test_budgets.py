@@ -220,7 +220,22 @@ def test_clamp_near_cap(tmp_path: Path) -> None:
             stack.client().chat.completions.create(model="gpt-4o-mini", messages=MSG,
                                                    max_completion_tokens=1000)
         assert info.value.status_code == 402
-        # The reasoning field is clamped as sent (max_completion_tokens).
+    finally:
+        stack.close()
+
+
+def test_clamp_without_a_limit_sets_max_completion_tokens(tmp_path: Path) -> None:
+    probe = Stack(tmp_path / "probe")
+    cap = cap_for(probe, 1, max_tokens=30)
+    probe.close()
+    stack = budget_stack(tmp_path / "run", near_cap="clamp",
+                         tenants={"acme": {"monthly_usd": cap}})
+    try:
+        r = stack.client().chat.completions.with_raw_response.create(model="gpt-4o-mini",
+                                                                      messages=MSG)
+        sent = stack.state.requests[-1]["json"]
+        assert sent["max_completion_tokens"] == 30 and "max_tokens" not in sent
+        assert r.headers["x-costwall-clamped-max-tokens"] == "30"
     finally:
         stack.close()
 
