@@ -279,3 +279,13 @@ def test_unknown_v1_route_is_openai_404(stack: Stack) -> None:
 def test_health(stack: Stack) -> None:
     assert stack.request("GET", "/healthz").json() == {"status": "ok"}
     assert stack.request("GET", "/readyz").status == 200
+
+
+def test_ledger_failure_refuses_with_503_and_forwards_nothing(stack: Stack) -> None:
+    stack.lt.run(stack.gw.ledger._writer.close())  # type: ignore[attr-defined]  # the db is gone
+    with pytest.raises(openai.APIStatusError) as info:
+        stack.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert info.value.status_code == 503
+    assert info.value.response.json()["error"]["code"] == "ledger_unavailable"
+    assert stack.state.requests == []
+    assert all(s.reserved == 0 for s in stack.gw.budgets.status())
