@@ -1,0 +1,256 @@
+"""Who is asking: admin and finance tokens, browser sessions, CSRF and failed-login limits.
+
+Two roles: ``admin`` (everything) and ``finance`` (reads only). Browsers log in once with a
+token and then carry a random session id in an HttpOnly, SameSite=Strict cookie; the role and
+the CSRF token live server-side in memory (so sessions are per process and end on restart).
+Scripts send ``Authorization: Bearer <token>`` on every request and need no CSRF token,
+because browsers never attach that header on their own. Tokens are compared in constant time,
+and failed attempts are limited per client address.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from aiohttp import web
+
+from admin.errors import AdminClosed, NotAuthenticated, RateLimited, ReadOnly, TooLarge
+from gateway.config import Settings
+
+log = logging.getLogger("costwall.admin")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+COOKIE = "costwall_admin"
+SESSION_TTL_S = 12 * 3600
+MAX_SESSIONS = 10_000
+FAILURES_PER_WINDOW = 5
+FAILURE_WINDOW_S = 60.0
+MAX_FORM_BYTES = 64 * 1024
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PERMISSIONS = {"read": frozenset({"admin", "finance"}), "write": frozenset({"admin"})}
+CLOSED_MESSAGE = ("The admin UI and API are closed: no admin token is configured. Set the "
+                  "environment variable named by admin.token_env (default COSTWALL_ADMIN_TOKEN) "
+                  "and restart.")
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    role: str
+    csrf: str
+    expires: float
+    flash: list[tuple[str, str]] = field(default_factory=list)
+
+
+class SessionStore:
+    """Random session ids mapped to role and CSRF token, each expiring after a fixed time."""
+
+    def __init__(self, ttl_s: float = SESSION_TTL_S, max_sessions: int = MAX_SESSIONS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.ttl_s, self.max_sessions, self.clock = ttl_s, max_sessions, clock
+        self._sessions: dict[str, Session] = {}
+
+    def create(self, role: str) -> Session:
+        now = self.clock()
+        if len(self._sessions) >= self.max_sessions:
+            self._sessions = {k: s for k, s in self._sessions.items() if s.expires > now}
+            while len(self._sessions) >= self.max_sessions:  # oldest first (dicts keep order)
+                del self._sessions[next(iter(self._sessions))]
+        session = Session(secrets.token_urlsafe(32), role, secrets.token_urlsafe(32),
+                          now + self.ttl_s)
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        if session.expires <= self.clock():
+            del self._sessions[session_id]
+            return None
+        return session
+
+    def drop(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+
+class FailureLimiter:
+    """At most ``limit`` failed attempts per client address in a sliding window."""
+
+    def __init__(self, limit: int = FAILURES_PER_WINDOW, window_s: float = FAILURE_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, ip: str) -> deque[float]:
+        now = self.clock()
+        times = self._failures.get(ip, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def retry_after(self, ip: str) -> int | None:
+        """Seconds until ``ip`` may try again, or None if it may try now."""
+        times = self._recent(ip)
+        if len(times) < self.limit:
+            return None
+        return max(1, int(times[0] + self.window_s - self.clock()) + 1)
+
+    def failed(self, ip: str) -> int:
+        """Record a failure; returns how many ``ip`` had in the window."""
+        if len(self._failures) > 10_000:  # forget quiet addresses so memory stays bounded
+            self._failures = {k: v for k, v in self._failures.items() if self._recent(k)}
+        times = self._recent(ip)
+        times.append(self.clock())
+        self._failures[ip] = times
+        return len(times)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: role, how they came in (ui/api) and from where."""
+
+    role: str
+    channel: str
+    ip: str
+    session: Session | None = None
+
+    @property
+    def actor(self) -> str:
+        """Who did it, for the audit trail (tokens are shared, so role + channel + address)."""
+        return f"{self.role} ({self.channel}, {self.ip})"
+
+    @property
+    def can_write(self) -> bool:
+        return self.role in PERMISSIONS["write"]
+
+    @property
+    def csrf(self) -> str:
+        return self.session.csrf if self.session else ""
+
+
+class AdminAuth:
+    """The tokens, the session store and the failure limiter of one app."""
+
+    def __init__(self, settings: Settings):
+        self._tokens = [(role, tok.encode()) for role, tok in
+                        (("admin", settings.admin_token), ("finance", settings.finance_token))
+                        if tok]
+        self.closed = settings.admin_token is None
+        self.sessions = SessionStore()
+        self.limiter = FailureLimiter()
+
+    def role_for(self, token: str) -> str | None:
+        """The role a token grants; every configured token is compared, in constant time."""
+        presented = token.encode()
+        role = None
+        for name, expected in self._tokens:
+            if hmac.compare_digest(presented, expected):
+                role = name
+        return role
+
+    def check_attempt(self, ip: str) -> None:
+        wait = self.limiter.retry_after(ip)
+        if wait is not None:
+            raise RateLimited(f"Too many failed logins from this address; try again in {wait} "
+                              "seconds.", retry_after=wait)
+
+    def record_failure(self, ip: str, channel: str) -> None:
+        count = self.limiter.failed(ip)
+        log.warning("failed admin %s authentication from %s (%d in the last %ds)",
+                    channel, ip, count, int(self.limiter.window_s))
+
+
+AUTH = web.AppKey("costwall_admin_auth", AdminAuth)
+PRINCIPAL = web.RequestKey("costwall_admin_principal", Principal)
+
+
+def client_ip(request: web.Request) -> str:
+    """The peer address (forwarded headers are not trusted: anyone can send them)."""
+    return request.remote or "unknown"
+
+
+def is_api(request: web.Request) -> bool:
+    return request.path.startswith("/admin/api/")
+
+
+def login_redirect(request: web.Request) -> web.HTTPSeeOther:
+    target = request.path_qs if request.method in SAFE_METHODS else "/admin"
+    return web.HTTPSeeOther(f"/admin/login?next={quote(target, safe='')}")
+
+
+async def authenticate(request: web.Request) -> Principal:
+    """The caller behind a bearer token or a session cookie; raises 401/429/503 or redirects."""
+    auth = request.app[AUTH]
+    if auth.closed:
+        raise AdminClosed(CLOSED_MESSAGE)
+    ip = client_ip(request)
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise NotAuthenticated("Send 'Authorization: Bearer <admin or finance token>'.")
+        auth.check_attempt(ip)
+        role = auth.role_for(token.strip())
+        if role is None:
+            auth.record_failure(ip, "API")
+            raise NotAuthenticated("Invalid admin token.", code="invalid_admin_token")
+        return Principal(role, "api", ip)
+    if is_api(request):
+        raise NotAuthenticated("The admin API needs 'Authorization: Bearer <admin or finance "
+                               "token>'.")
+    session = auth.sessions.get(request.cookies.get(COOKIE))
+    if session is None:
+        raise login_redirect(request)
+    return Principal(session.role, "ui", ip, session)
+
+
+async def check_csrf(request: web.Request, session: Session) -> None:
+    """A state-changing form must carry this session's CSRF token."""
+    if (request.content_length or 0) > MAX_FORM_BYTES:
+        raise TooLarge("Form too large.")
+    form = await request.post()
+    token = form.get("csrf")
+    if not isinstance(token, str) or not hmac.compare_digest(token.encode(),
+                                                             session.csrf.encode()):
+        raise ReadOnly("The form's security token is missing or out of date. Reload the page "
+                       "and try again.", code="csrf_failed")
+
+
+def requires(permission: str) -> Callable[[Handler], Handler]:
+    """Decorate a view: ``@requires("read")`` for both roles, ``@requires("write")`` for admin.
+
+    Also checks the CSRF token of every state-changing request that came with a session.
+    """
+    allowed = PERMISSIONS[permission]
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            principal = await authenticate(request)
+            if principal.session is not None and request.method not in SAFE_METHODS:
+                await check_csrf(request, principal.session)
+            if principal.role not in allowed:
+                raise ReadOnly(f"The {principal.role} role is read-only: this change needs the "
+                               "admin token.")
+            request[PRINCIPAL] = principal
+            return await handler(request)
+
+        return wrapped
+
+    return decorate
+
+
+def principal(request: web.Request) -> Principal:
+    """The caller ``requires`` authenticated for this request."""
+    return request[PRINCIPAL]

@@ -1,0 +1,138 @@
+"""``/admin/invoices``: months with data, totals per tenant, PDF/CSV downloads and saving.
+
+Rendering lives in ``admin.invoices`` (``build_invoice``, ``render_pdf``, ``render_csv``);
+this module only validates what the URL asks for and serves the bytes. The month must be
+exactly ``YYYY-MM`` and the tenant plain text, so nothing from the URL ever reaches a path.
+Both roles may read and save invoices: finance owns them, and they change no budget state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from aiohttp import web
+
+from admin import validate
+from admin.auth import Handler, requires
+from admin.errors import BadInput, Missing, NotInstalled
+from admin.render import flash, render
+from gateway.errors import GatewayError
+from gateway.money import format_usd
+from gateway.services import GATEWAY
+
+CONTENT_TYPES = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8"}
+
+
+def _renderer() -> ModuleType:
+    """``admin.invoices``, imported on use so the pages work while it is missing."""
+    try:
+        return importlib.import_module("admin.invoices")
+    except ImportError as exc:
+        raise NotInstalled(f"Invoice rendering is not available: {exc}") from None
+
+
+class RenderFailed(GatewayError):
+    status = 500
+    type = "server_error"
+    code = "invoice_render_failed"
+
+
+def _month(request: web.Request) -> str:
+    month = request.match_info["month"]
+    if not validate.MONTH_RE.match(month):
+        raise Missing("No such invoice: URLs look like /admin/invoices/2026-05.pdf.")
+    return month
+
+
+async def _build(request: web.Request, month: str, tenant: str | None) -> object:
+    inv = _renderer()
+    try:
+        return await inv.build_invoice(request.app[GATEWAY], month, tenant)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+async def _bytes(kind: str, invoice: object) -> bytes:
+    inv = _renderer()
+    try:
+        if kind == "pdf":  # CPU-bound: keep the event loop free for proxied traffic
+            return await asyncio.to_thread(inv.render_pdf, invoice)  # type: ignore[no-any-return]
+        return inv.render_csv(invoice)  # type: ignore[no-any-return]
+    except inv.InvoiceRenderError as exc:
+        raise RenderFailed(str(exc)) from None
+
+
+def _filename(kind: str, month: str, tenant: str | None) -> str:
+    inv = _renderer()
+    pdf, csv = inv.invoice_files(Path("."), month, tenant)
+    return (pdf if kind == "pdf" else csv).name  # type: ignore[no-any-return]
+
+
+def _download(kind: str) -> Handler:
+    @requires("read")
+    async def download(request: web.Request) -> web.Response:
+        month = _month(request)
+        tenant = validate.tenant(request.query.get("tenant"))
+        invoice = await _build(request, month, tenant)
+        body = await _bytes(kind, invoice)
+        return web.Response(body=body, headers={
+            "Content-Type": CONTENT_TYPES[kind],
+            "Content-Disposition": f'attachment; filename="{_filename(kind, month, tenant)}"',
+        })
+
+    return download
+
+
+@requires("read")
+async def invoices_page(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    current = gw.budgets.current_period()
+    periods = await gw.ledger.periods()
+    if current not in periods:
+        periods = [current, *periods]
+    months = []
+    for period in periods:
+        tenants = sorted(await gw.ledger.usage(period, "tenant"), key=lambda r: r.group)
+        months.append({"period": period, "tenants": tenants, "current": period == current,
+                       "total": sum(r.cost for r in tenants),
+                       "requests": sum(r.requests for r in tenants)})
+    try:
+        _renderer()
+        available = True
+    except NotInstalled:
+        available = False
+    return render(request, "invoices.html", {"months": months, "available": available},
+                  active="invoices")
+
+
+@requires("read")
+async def save_invoice(request: web.Request) -> web.Response:
+    """Write a month's PDF and CSV under ``reports_dir/invoices`` (as ``costwall invoice``)."""
+    gw = request.app[GATEWAY]
+    form = await request.post()
+    month, tenant = form.get("month"), form.get("tenant") or None
+    if not isinstance(month, str) or not validate.MONTH_RE.match(month):
+        raise BadInput("month must look like YYYY-MM.")
+    tenant = validate.tenant(tenant if isinstance(tenant, str) else None)
+    inv = _renderer()
+    invoice = await _build(request, month, tenant)
+    pdf, csv = inv.invoice_paths(gw.settings.reports_dir, month, tenant)
+    try:
+        await asyncio.to_thread(inv.write_invoice, invoice, pdf, csv)
+    except inv.InvoiceRenderError as exc:
+        raise RenderFailed(str(exc)) from None
+    except OSError as exc:
+        raise RenderFailed(f"Cannot write the invoice files: {exc.strerror}") from None
+    flash(request, f"Saved {pdf.name} and {csv.name} (total ${format_usd(invoice.total_exact)})"
+                   f" in {gw.settings.reports_dir / 'invoices'}.")
+    raise web.HTTPSeeOther("/admin/invoices")
+
+
+def setup_invoices(app: web.Application) -> None:
+    app.router.add_get("/admin/invoices", invoices_page)
+    app.router.add_post("/admin/invoices/save", save_invoice)
+    app.router.add_get("/admin/invoices/{month}.pdf", _download("pdf"))
+    app.router.add_get("/admin/invoices/{month}.csv", _download("csv"))

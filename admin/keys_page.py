@@ -1,0 +1,68 @@
+"""``/admin/keys``: virtual keys from the config file and those created here.
+
+A new key's secret is rendered once, in the answer to the create form (never redirected to,
+never stored, never logged); only its SHA-256 and a short prefix are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from admin import ops
+from admin.auth import principal, requires
+from admin.render import flash, render
+from gateway.errors import GatewayError
+from gateway.services import GATEWAY
+
+
+async def _page(request: web.Request, status: int = 200, **extra: Any) -> web.Response:
+    gw = request.app[GATEWAY]
+    context: dict[str, Any] = {"keys": await ops.keys(gw), "created": None, "secret": None,
+                               "form": {}, "key_error": None}
+    context.update(extra)
+    return render(request, "keys.html", context, status=status, active="keys")
+
+
+@requires("read")
+async def keys(request: web.Request) -> web.Response:
+    return await _page(request)
+
+
+def _text(form: Any, name: str) -> str:
+    value = form.get(name, "")
+    return value[:200] if isinstance(value, str) else ""
+
+
+@requires("write")
+async def create_key(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    form = await request.post()
+    values = {k: _text(form, k) for k in ("name", "tenant", "agent")}
+    try:
+        created, secret = await ops.create_key(
+            gw, values["name"], values["tenant"], values["agent"],
+            ops.ensure_form_bool(_text(form, "can_override") or None), principal(request).actor)
+    except GatewayError as exc:
+        return await _page(request, exc.status, key_error=exc.message, form=values)
+    return await _page(request, created=created, secret=secret)
+
+
+@requires("write")
+async def revoke_key(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    form = await request.post()
+    name = _text(form, "name")
+    try:
+        await ops.revoke_key(gw, name, principal(request).actor)
+    except GatewayError as exc:
+        return await _page(request, exc.status, key_error=exc.message)
+    flash(request, f"Key '{name}' revoked; requests with it now get 401.")
+    raise web.HTTPSeeOther("/admin/keys")
+
+
+def setup_keys(app: web.Application) -> None:
+    app.router.add_get("/admin/keys", keys)
+    app.router.add_post("/admin/keys", create_key)
+    app.router.add_post("/admin/keys/revoke", revoke_key)

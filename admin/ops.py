@@ -1,0 +1,251 @@
+"""What admins can see and change, shared by the web pages and the JSON API.
+
+Each change takes effect at once in the running gateway (budget engine, key ring, override
+switch), is persisted in the ledger so it survives a restart, and is audit-logged with who
+did it and why. Views only parse input and present results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC
+from decimal import Decimal
+from typing import Any
+
+from admin import validate
+from admin.errors import BadInput, Conflict, Missing
+from gateway.budget import ScopeKey, ScopeStatus
+from gateway.config import hash_key
+from gateway.ledger import KeyRecord, UsageRow
+from gateway.money import format_usd
+from gateway.services import OVERRIDE_SETTING, Gateway, OverrideState
+
+SECRET_PREFIX = "sk-cw-"
+
+
+# -- reading ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ScopeView:
+    """One limited scope this month, with where its limit comes from."""
+
+    status: ScopeStatus
+    source: str  # "config" or "admin"
+    level: str   # "ok", "warn" (past the first warn_at threshold) or "over" (at the cap)
+
+    @property
+    def percent(self) -> Decimal:
+        return (self.status.utilization * 100).quantize(Decimal("0.1"))
+
+    @property
+    def bar(self) -> Decimal:
+        """Bar width in percent, 0..100."""
+        return min(self.percent, Decimal(100))
+
+    def as_json(self) -> dict[str, Any]:
+        s = self.status
+        return {"scope": s.scope, "id": s.id, "limit_usd": format_usd(s.limit),
+                "spent_usd": format_usd(s.spent), "reserved_usd": format_usd(s.reserved),
+                "utilization": str(s.utilization.quantize(Decimal("0.000001"))),
+                "source": self.source, "level": self.level}
+
+
+def level(status: ScopeStatus, warn_at: tuple[Decimal, ...]) -> str:
+    if status.spent >= status.limit:
+        return "over"
+    if warn_at and status.spent >= warn_at[0] * status.limit:
+        return "warn"
+    return "ok"
+
+
+async def scopes(gw: Gateway) -> tuple[str, list[ScopeView]]:
+    """This month's period and every limited scope, global first."""
+    period = gw.budgets.current_period()
+    await gw.budgets.book(period)
+    admin_caps = await gw.ledger.caps()
+    order = {"global": 0, "tenant": 1, "agent": 2, "campaign": 3, "key": 4}
+    views = [
+        ScopeView(s, "admin" if (s.scope, s.id) in admin_caps else "config",
+                  level(s, gw.budgets.warn_at))
+        for s in gw.budgets.status(period)
+    ]
+    views.sort(key=lambda v: (order.get(v.status.scope, 9), v.status.id))
+    return period, views
+
+
+def override_json(state: OverrideState) -> dict[str, Any]:
+    return {"enabled": state.enabled, "reason": state.reason, "actor": state.actor,
+            "changed_at": state.changed_at}
+
+
+async def usage(gw: Gateway, period: str, group_by: str,
+                tenant: str | None = None) -> list[UsageRow]:
+    """A month's usage grouped one way, most expensive first."""
+    rows = await gw.ledger.usage(period, group_by, tenant)
+    if group_by == "day":
+        return rows
+    return sorted(rows, key=lambda r: (-r.cost, r.group))
+
+
+def usage_json(row: UsageRow) -> dict[str, Any]:
+    return {"group": row.group, "requests": row.requests, "prompt_tokens": row.prompt_tokens,
+            "cached_tokens": row.cached_tokens, "completion_tokens": row.completion_tokens,
+            "reasoning_tokens": row.reasoning_tokens, "cost_usd": format_usd(row.cost),
+            "overrides": row.overrides}
+
+
+@dataclass(frozen=True, slots=True)
+class LogPage:
+    events: list[dict[str, Any]]
+    total: int
+    offset: int
+    limit: int
+
+
+async def events(gw: Gateway, kinds: Iterable[str], *, scope: str | None = None,
+                 date: str | None = None, offset: int = 0, limit: int = 100) -> LogPage:
+    """Audit events of ``kinds``, newest first, filtered by scope text and day/month."""
+    wanted = set(kinds)
+
+    def read() -> list[dict[str, Any]]:
+        out = []
+        for event in gw.audit.events():
+            if event.get("kind") not in wanted:
+                continue
+            if date and not str(event.get("time", "")).startswith(date):
+                continue
+            if scope:
+                where = f"{event.get('scope') or ''} {event.get('target') or ''}".lower()
+                if scope.lower() not in where:
+                    continue
+            event.pop("prev", None)
+            out.append(event)
+        out.reverse()
+        return out
+
+    found = await asyncio.to_thread(read)
+    return LogPage(found[offset:offset + limit], len(found), offset, limit)
+
+
+# -- the global override ---------------------------------------------------------------------
+async def set_override(gw: Gateway, enabled: bool, reason: str, actor: str) -> OverrideState:
+    """Switch the global override; persisted first, so a failed write changes nothing."""
+    reason = validate.reason(reason, required=enabled)
+    now = gw.clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    state = OverrideState(enabled, reason or None, actor, now)
+    await gw.ledger.set_setting(OVERRIDE_SETTING, state.to_json())
+    gw.overrides.state = state
+    gw.record_admin(actor, "override.on" if enabled else "override.off", "global",
+                    "global budget override " + ("enabled" if enabled else "disabled"), reason)
+    return state
+
+
+# -- caps ------------------------------------------------------------------------------------
+def cap_key(scope: str, scope_id: str) -> ScopeKey:
+    kind = validate.scope(scope)
+    return kind, validate.scope_id(kind, scope_id)
+
+
+async def set_cap(gw: Gateway, key: ScopeKey, limit: int, actor: str, reason: str = "") -> None:
+    """Add or change a monthly cap; the next request is admitted against it."""
+    old = gw.budgets.limits.get(key)
+    await gw.ledger.set_cap(key, limit)
+    await gw.budgets.set_limit(key, limit)
+    before = "none" if old is None else format_usd(old)
+    gw.record_admin(actor, "cap.set", f"{key[0]}:{key[1]}",
+                    f"monthly_usd {before} -> {format_usd(limit)}", reason)
+
+
+async def remove_cap(gw: Gateway, key: ScopeKey, actor: str, reason: str = "") -> None:
+    """Remove a cap (also one from the config file; the removal is stored)."""
+    old = gw.budgets.limits.get(key)
+    if old is None:
+        raise Missing(f"There is no cap for {key[0]} '{key[1]}'.")
+    await gw.ledger.set_cap(key, None)
+    await gw.budgets.set_limit(key, None)
+    gw.record_admin(actor, "cap.remove", f"{key[0]}:{key[1]}",
+                    f"monthly_usd {format_usd(old)} -> none", reason)
+
+
+# -- virtual keys ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    name: str
+    tenant: str
+    agent: str
+    can_override: bool
+    source: str  # "config" or "admin"
+    prefix: str = ""
+    created_at: str | None = None
+    revoked_at: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "tenant": self.tenant, "agent": self.agent,
+                "can_override": self.can_override, "source": self.source,
+                "prefix": self.prefix, "created_at": self.created_at,
+                "revoked_at": self.revoked_at, "active": self.active}
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def keys(gw: Gateway) -> list[KeyView]:
+    """Config keys (not revocable here) and admin-created keys, revoked ones included."""
+    views = [KeyView(k.name, k.tenant, k.agent, k.can_override, "config")
+             for k in gw.keys.configured]
+    views += [KeyView(r.name, r.tenant, r.agent, r.can_override, "admin", r.prefix,
+                      _iso(r.created_at), _iso(r.revoked_at))
+              for r in await gw.ledger.keys()]
+    return views
+
+
+def _lock(gw: Gateway) -> asyncio.Lock:
+    return gw.extras.setdefault("admin.keys_lock", asyncio.Lock())  # type: ignore[no-any-return]
+
+
+async def create_key(gw: Gateway, name: Any, tenant: Any, agent: Any, can_override: bool,
+                     actor: str) -> tuple[KeyView, str]:
+    """A new virtual key; returns its secret, which is never stored or shown again."""
+    name = validate.name(name, "name")
+    tenant = validate.name(tenant, "tenant")
+    agent = validate.name(agent or "default", "agent")
+    async with _lock(gw):
+        taken = {k.name for k in gw.keys.configured} | {r.name for r in await gw.ledger.keys()}
+        if name in taken:
+            raise Conflict(f"A key named '{name}' exists already (names are never reused, "
+                           "also after a revoke).", param="name")
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        record = KeyRecord(name, hash_key(secret), tenant, agent, can_override,
+                           gw.clock(), None, secret[:len(SECRET_PREFIX) + 4])
+        await gw.ledger.add_key(record)
+        gw.keys.reload(await gw.ledger.keys())
+    gw.record_admin(actor, "key.create", f"key:{name}",
+                    f"tenant={tenant} agent={agent} can_override={str(can_override).lower()}")
+    return KeyView(name, tenant, agent, can_override, "admin", record.prefix,
+                   _iso(record.created_at)), secret
+
+
+async def revoke_key(gw: Gateway, name: str, actor: str) -> None:
+    """Revoke an admin-created key; requests with it get 401 from now on."""
+    if any(k.name == name for k in gw.keys.configured):
+        raise Conflict(f"Key '{name}' comes from the config file; remove it there.",
+                       code="config_key")
+    async with _lock(gw):
+        if not await gw.ledger.revoke_key(name, gw.clock()):
+            raise Missing(f"No active admin-created key named '{name[:128]}'.")
+        gw.keys.reload(await gw.ledger.keys())
+    gw.record_admin(actor, "key.revoke", f"key:{name}", "revoked")
+
+
+def ensure_form_bool(value: str | None) -> bool:
+    """HTML checkbox: present means true."""
+    if value not in (None, "", "on", "true", "1", "yes"):
+        raise BadInput("Unexpected checkbox value.")
+    return value not in (None, "")

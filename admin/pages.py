@@ -1,0 +1,63 @@
+"""The read-only pages: the dashboard (this month at a glance) and the audit logs."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from admin import ops, validate
+from admin.auth import requires
+from admin.charts import daily_chart
+from admin.errors import BadInput
+from admin.render import render
+from gateway.services import GATEWAY
+
+TOP_N = 8
+LOG_PAGE = 50
+LOG_KINDS = {"all": validate.LOG_KINDS, **{k: (k,) for k in validate.LOG_KINDS}}
+
+
+@requires("read")
+async def dashboard(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    period, scopes = await ops.scopes(gw)
+    days = await ops.usage(gw, period, "day")
+    tops = {group: (await ops.usage(gw, period, group))[:TOP_N]
+            for group in ("agent", "campaign", "model")}
+    return render(request, "dashboard.html", {
+        "period": period, "scopes": scopes,
+        "chart": daily_chart(period, {r.group: r.cost for r in days}),
+        "tops": tops, "total": sum(r.cost for r in days),
+        "requests": sum(r.requests for r in days),
+        "overrides": sum(r.overrides for r in days),
+        "warn_at": gw.budgets.warn_at,
+    }, active="dashboard")
+
+
+@requires("read")
+async def logs(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    q = request.query
+    kind = q.get("kind", "all")
+    if kind not in LOG_KINDS:
+        kind = "all"
+    scope = q.get("scope", "").strip()[:200] or None
+    try:
+        date = validate.log_filter_date(q.get("date", "").strip())
+        page = validate.bounded_int(q.get("page"), "page", 1, 1, 100_000)
+        error = None
+    except BadInput as exc:
+        date, page, error = None, 1, exc.message
+    result = await ops.events(gw, LOG_KINDS[kind], scope=scope, date=date,
+                              offset=(page - 1) * LOG_PAGE, limit=LOG_PAGE)
+    pages = max(1, -(-result.total // LOG_PAGE))
+    return render(request, "logs.html", {
+        "events": result.events, "total": result.total, "page": page, "pages": pages,
+        "kind": kind, "kinds": tuple(LOG_KINDS), "scope": scope or "", "date": date or "",
+        "error": error,
+    }, status=400 if error else 200, active="logs")
+
+
+def setup_pages(app: web.Application) -> None:
+    app.router.add_get("/admin", dashboard)
+    app.router.add_get("/admin/", dashboard)
+    app.router.add_get("/admin/logs", logs)
