@@ -15,7 +15,6 @@ import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway.audit import AuditTrail
 from gateway.budget import BudgetEngine
@@ -23,12 +22,15 @@ from gateway.config import Settings
 from gateway.errors import GatewayError, NotFound
 from gateway.keys import KeyRing
 from gateway.ledger import open_ledger
-from gateway.metrics import Metrics
+from gateway.logs import REQUEST_ID
+from gateway.metrics import BudgetView, Metrics
+from gateway.ops import setup_ops
 from gateway.pricing import PriceTable, load_price_table
 from gateway.proxy import REQUEST_ID_KEY, new_request_id, setup_routes
 from gateway.services import GATEWAY, OVERRIDE_SETTING, Gateway, OverrideState
 
 log = logging.getLogger("costwall")
+access_log = logging.getLogger("costwall.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -36,13 +38,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Domain errors to their status and shape; never a traceback for client input."""
     request[REQUEST_ID_KEY] = new_request_id()
+    token = REQUEST_ID.set(request[REQUEST_ID_KEY])  # tags every log line of this request
     try:
         return await handler(request)
     except GatewayError as exc:
-        if exc.status != 402 and request.path.startswith("/v1/"):
+        # 402s count as "blocked" and upstream 5xx as "upstream_error" where they happen.
+        if exc.status < 500 and exc.status != 402 and request.path.startswith("/v1/"):
             gw = request.app[GATEWAY]
             gw.metrics.requests.labels("rejected", "-").inc()
-        log.info("request %s answered %d: %s", request[REQUEST_ID_KEY], exc.status, exc.code)
+        access_log.info("answered %d %s", exc.status, exc.code,
+                        extra={"path": request.path, "status": exc.status, "code": exc.code})
         return web.Response(
             status=exc.status, body=exc.to_json(), content_type="application/json",
             headers={"X-Costwall-Request-Id": request[REQUEST_ID_KEY]},
@@ -58,17 +63,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             error.message = f"Method {request.method} is not allowed on {request.path}."
         return web.Response(status=error.status, body=error.to_json(),
                             content_type="application/json")
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    if await gw.ledger.ping():
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "database unreachable"}, status=503)
+    finally:
+        REQUEST_ID.reset(token)
 
 
 def _resources(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -121,7 +117,7 @@ def build_gateway(
         clock,
     )
     metrics = Metrics(registry)
-    metrics.watch_budgets(budgets.status)
+    metrics.watch_budgets(BudgetView(budgets, ledger.spend_by_scope))
     return Gateway(settings, prices, ledger, budgets, KeyRing(settings.keys),
                    AuditTrail(settings.logs_dir, clock), metrics, clock)
 
@@ -134,9 +130,7 @@ def create_app(settings: Settings, **parts: object) -> web.Application:
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources(gw))
     setup_routes(app)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(gw.metrics.registry))
+    setup_ops(app)
     try:
         from admin import setup as setup_admin
     except ImportError:  # the admin package is optional for a bare proxy

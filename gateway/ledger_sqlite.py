@@ -233,8 +233,12 @@ class SqliteLedger:
         return list(await self._reader.execute_fetchall(sql, params))
 
     async def ping(self) -> bool:
+        # Ready means writes can land: the writer task is alive and the file answers a read
+        # (``SELECT 1`` alone would succeed without touching the database file).
+        if self._task is None or self._task.done():
+            return False
         try:
-            await self._fetch("SELECT 1")
+            await self._fetch("SELECT MAX(version) FROM schema_version")
         except Exception:
             return False
         return True

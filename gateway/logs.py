@@ -1,33 +1,101 @@
-"""Logging setup: plain text or one JSON object per line. Never prompts, completions or keys."""
+"""Logging setup: plain text or one JSON object per line, every line tagged with its request id.
+
+What may be logged: request ids, tenant, key *names*, agent, campaign, model, status, cost,
+durations. What never is: prompts, completions, request or response bodies, and secrets
+(virtual keys, the upstream key, admin tokens). Call sites pass facts as ``extra={...}``; both
+formats render them as fields, so operators can filter on them.
+
+The request id lives in a context variable that the error middleware sets for the duration of
+each request, so any line logged while serving it — by the proxy, the ledger or a library —
+carries ``request_id`` without each call site passing it.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
+REQUEST_ID: ContextVar[str | None] = ContextVar("costwall_request_id", default=None)
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` (from the context, unless given in ``extra``) to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = REQUEST_ID.get()
+        return True
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items()
+            if k not in _STANDARD and k != "request_id" and v is not None}
+
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, extra fields."""
+
     def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+        data: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            data["request_id"] = request_id
+        for key, value in _fields(record).items():
+            data.setdefault(key, value)
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(data).decode()
+        return orjson.dumps(data, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger [request id]: message key=value ...`` for people reading a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(rid)s: %(message)s%(kv)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
+        record.rid = f" [{request_id}]" if request_id else ""
+        pairs = [f"{k}={_text_value(v)}" for k, v in _fields(record).items()
+                 if k not in ("rid", "kv")]
+        record.kv = (" " + " ".join(pairs)) if pairs else ""
+        try:
+            return super().format(record)
+        finally:
+            del record.rid, record.kv
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\'):
+        return orjson.dumps(text).decode()
+    return text
 
 
 def configure(fmt: str = "text", level: str = "INFO") -> None:
+    """Route every logger to stderr in ``fmt`` (``text`` or ``json``) at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # aiohttp's access log would duplicate the proxy's own request lines (it is off in
+    # ``costwall serve``); keep library chatter at WARNING unless debugging.
+    if level != "DEBUG":
+        for noisy in ("aiosqlite", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)

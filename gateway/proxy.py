@@ -227,6 +227,7 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
         call.usage_source = "reserved"
         raise UpstreamUnavailable(f"The upstream API failed ({type(exc).__name__}).") from None
     call.status = upstream.status
+    call.upstream_seconds = time.perf_counter() - sent  # to the headers; streams add the body
     try:
         if upstream.content_type == "text/event-stream":
             return await relay_stream(gw, request, call, upstream)
@@ -306,7 +307,7 @@ async def relay_stream(
         upstream_cut = True
         log.warning("upstream stream cut (request %s): %s", call.id, type(exc).__name__)
     finally:
-        call.upstream_seconds = time.perf_counter() - first
+        call.upstream_seconds += time.perf_counter() - first
         tail = meter.finish()
         call.usage = meter.usage
         if call.usage is not None:

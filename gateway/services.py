@@ -7,6 +7,8 @@ happened.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from gateway.proxy import Call
 
 OVERRIDE_SETTING = "override.global"
+access_log = logging.getLogger("costwall.access")
 
 
 @dataclass(slots=True)
@@ -100,9 +103,17 @@ class Gateway:
         else:
             outcome = "allowed"
         self.metrics.requests.labels(outcome, model).inc()
-        if call.usage is not None:
-            self.metrics.charged(call.key.tenant, self.agent_label(call.agent), model,
-                                 call.usage, cost)
+        # Also when usage is unknown (charged at the reserved bound): the counter follows the
+        # ledger's cost.
+        self.metrics.charged(call.key.tenant, self.agent_label(call.agent), model, call.usage,
+                             cost)
+        # One line per forwarded request: facts only, never bodies or keys (gateway.logs).
+        access_log.info("settled", extra={
+            "outcome": outcome, "endpoint": call.endpoint, "model": call.model[:100],
+            "status": call.status, "stream": call.stream, "tenant": call.key.tenant,
+            "key": call.key.name, "agent": call.agent, "campaign": call.campaign,
+            "cost_usd": format_usd(cost), "usage_source": call.usage_source,
+            "ms": int((time.perf_counter() - call.started) * 1000)})
         if call.upstream_seconds:
             self.metrics.upstream_duration.labels(call.endpoint).observe(call.upstream_seconds)
         if call.override_reason is not None:
