@@ -122,6 +122,14 @@ class Gateway:
                 call, b.scope if b else "", b.scope_id if b else "", b.limit if b else None,
                 b.spent if b else None, call.reservation.amount if call.reservation else 0,
                 call.override_reason))
+        self.record_crossings(crossings)
+
+    def record_crossings(self, crossings: list[Crossing]) -> None:
+        """Metrics and one audit line per newly crossed warn threshold.
+
+        Called from ``record_settled``, and by the shared (PostgreSQL) budget engine once
+        the database has confirmed that this replica is the one to report a crossing.
+        """
         for c in crossings:
             self.metrics.warnings.labels(c.scope, c.id).inc()
             self.audit.record("warning", {
