@@ -52,8 +52,13 @@ class ScopeView:
                 "source": self.source, "level": self.level}
 
 
+AT_CAP = Decimal("0.98")
+
+
 def level(status: ScopeStatus, warn_at: tuple[Decimal, ...]) -> str:
-    if status.spent >= status.limit:
+    """``over`` at the cap (98% spent or reserved: little fits any more), ``warn`` past the
+    first warn_at threshold, else ``ok``."""
+    if status.spent + status.reserved >= AT_CAP * status.limit:
         return "over"
     if warn_at and status.spent >= warn_at[0] * status.limit:
         return "warn"

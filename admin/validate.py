@@ -13,7 +13,7 @@ from typing import Any
 from admin.errors import BadInput
 from gateway.config import SCOPES
 from gateway.ledger import GROUP_BY
-from gateway.money import MoneyError, to_pico
+from gateway.money import MoneyError, parse_usd, to_pico
 
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 DAY_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01]))?$")
@@ -33,14 +33,13 @@ def money(value: Any, field: str = "monthly_usd") -> int:
     if isinstance(value, str):
         value = value.strip().removeprefix("$").replace(",", "").strip()
     try:
-        pico = to_pico(value)
-    except MoneyError as exc:
+        if parse_usd(value) > MAX_CAP_USD:  # before scaling: 1e999999 would overflow Decimal
+            raise BadInput(f"{field}: caps above ${MAX_CAP_USD:,} a month are not supported.",
+                           param=field)
+        return to_pico(value)
+    except (MoneyError, ArithmeticError) as exc:
         raise BadInput(f"{field}: {exc}. Give a non-negative amount in USD like \"12.50\".",
                        param=field) from None
-    if pico > to_pico(MAX_CAP_USD):
-        raise BadInput(f"{field}: caps above ${MAX_CAP_USD:,} a month are not supported.",
-                       param=field)
-    return pico
 
 
 def scope(value: str) -> str:

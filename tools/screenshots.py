@@ -1,0 +1,100 @@
+"""Screenshots of the admin UI for the docs: ``python tools/screenshots.py [OUT_DIR]``.
+
+Runs the test harness (simulated OpenAI upstream + a real gateway on a free port), sends a
+month of traffic through the official SDK with a moving clock, then photographs the pages in
+headless Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright). Writes
+``dashboard.png``, ``budget.png``, ``override.png`` and ``dashboard-phone.png``
+(default ``docs/screenshots``). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.harness import ADMIN_TOKEN, Stack  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+BUDGETS = {  # tight enough that the pictures show every colour: ok, warning, at the cap
+    "global": {"monthly_usd": "6"},
+    "tenants": {"acme": {"monthly_usd": "2.5"}, "globex": {"monthly_usd": "3"}},
+    "agents": {"content": {"monthly_usd": "1.6"}, "research": {"monthly_usd": "2"}},
+    "campaigns": {"spring-sale": {"monthly_usd": "0.86"},
+                  "onboarding-emails": {"monthly_usd": "1.5"}},
+}
+TRAFFIC = [  # (key, agent header, campaign, model, weight)
+    ("acme-content", None, "spring-sale", "gpt-5", 3),
+    ("acme-content", None, "onboarding-emails", "gpt-4.1", 3),
+    ("acme-ops", None, None, "gpt-4o-mini", 2),
+    ("globex-research", None, "market-scan", "o3", 3),
+    ("globex-research", "summarizer", "market-scan", "gpt-4.1-mini", 2),
+]
+
+
+def generate(stack: Stack, now: list[datetime], days: int) -> None:
+    rng = random.Random(7)
+    month = now[0]
+    for day in range(1, days + 1):
+        for _ in range(rng.randint(3, 9)):
+            key, agent, campaign, model, _w = rng.choices(TRAFFIC, [t[4] for t in TRAFFIC])[0]
+            now[0] = month.replace(day=day, hour=rng.randint(6, 20), minute=rng.randint(0, 59))
+            headers = {}
+            if agent:
+                headers["X-Costwall-Agent"] = agent
+            if campaign:
+                headers["X-Costwall-Campaign"] = campaign
+            try:
+                stack.client(key).chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "Draft the update."}],
+                    max_completion_tokens=rng.randint(800, 4000), extra_headers=headers)
+            except Exception:  # a 402 once a cap is reached is part of the picture
+                pass
+    stack.flush()
+
+
+def main(out: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    real = datetime.now(UTC)
+    now = [real.replace(day=1, hour=8, minute=0, second=0, microsecond=0)]
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(Path(tmp), clock=lambda: now[0], budgets=BUDGETS)
+        try:
+            generate(stack, now, days=min(max(real.day, 18), 28))
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(f"{stack.url}/admin/login")
+                page.fill("#token", ADMIN_TOKEN)
+                page.click("button[type=submit]")
+                page.wait_for_url(f"{stack.url}/admin")
+                page.screenshot(path=str(out / "dashboard.png"), full_page=True)
+                page.goto(f"{stack.url}/admin/budget")
+                page.screenshot(path=str(out / "budget.png"), full_page=True)
+                page.fill("#override-reason", "incident 4711: month-end reports must finish")
+                page.check("#override-confirm")
+                page.click("#override-form button[type=submit]")
+                page.wait_for_selector("#override-banner")
+                page.screenshot(path=str(out / "override.png"), full_page=False)
+                phone = browser.new_page(viewport={"width": 390, "height": 844},
+                                         device_scale_factor=2, is_mobile=True)
+                phone.context.add_cookies(page.context.cookies())
+                phone.goto(f"{stack.url}/admin")
+                phone.screenshot(path=str(out / "dashboard-phone.png"), full_page=False)
+                browser.close()
+        finally:
+            stack.close()
+    for name in ("dashboard", "budget", "override", "dashboard-phone"):
+        print(out / f"{name}.png")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "screenshots")
