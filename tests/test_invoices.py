@@ -30,6 +30,7 @@ from admin.invoices import (
     InvoiceRenderError,
     allocate_cents,
     build_invoice,
+    display_label,
     html_to_pdf,
     invoice_paths,
     link_callback,
@@ -420,3 +421,11 @@ def test_month_boundaries_follow_budget_timezone() -> None:
                        now.astimezone(UTC))
     assert inv.final and inv.issue_date.isoformat() == "2026-12-01"
     assert period_of(now - timedelta(hours=1), ZoneInfo("Europe/Berlin")) == "2026-11"
+
+
+def test_labels_drop_control_characters_and_shorten() -> None:
+    assert display_label("a\x00b\u202ec\nd", "-") == "a b c d"
+    assert display_label(None, "(no campaign)") == "(no campaign)"
+    assert display_label("\x07", "(none)") == "(none)"
+    long = display_label("W" * 90, "")
+    assert len(long) == 60 and long.endswith("…")
