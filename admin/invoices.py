@@ -215,8 +215,8 @@ def validate_period(period: str) -> str:
     """``YYYY-MM`` or ValueError; nothing else (no paths, no ``2026-1``, no month 13)."""
     if not isinstance(period, str) or PERIOD_RE.fullmatch(period) is None:
         raise ValueError(f"invalid month {str(period)[:40]!r}: expected YYYY-MM, e.g. 2026-11")
-    if period < "1970-01":
-        raise ValueError(f"invalid month {period!r}: before 1970")
+    if not "1970-01" <= period < "9999-12":  # the month after must exist too
+        raise ValueError(f"invalid month {period!r}: out of range")
     return period
 
 

@@ -179,7 +179,8 @@ def test_allocation_sums_to_rounded_exact_total_where_naive_rounding_fails() -> 
 
 
 @pytest.mark.parametrize("bad", ["2026-13", "../x", "2026-1", "2026-00", "2026-11\n", "",
-                                 "202611", "2026-11/../../etc", "１２３４-11", "0999-01"])
+                                 "202611", "2026-11/../../etc", "１２３４-11", "0999-01",
+                                 "9999-12"])
 def test_bad_months_are_rejected(env: tuple[Stack, Canary], bad: str, tmp_path: Path) -> None:
     stack, _ = env
     with pytest.raises(ValueError, match="invalid month"):
