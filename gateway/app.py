@@ -7,6 +7,8 @@ Long-lived resources (ledger writer, upstream ``ClientSession``) open and close 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -84,12 +86,21 @@ def _resources(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
             await gw.budgets.set_limit(key, limit)
         gw.keys.reload(await gw.ledger.keys())
         await gw.budgets.book()
+        feed = None
+        if _shared(gw.settings):  # admin changes on other replicas reach this one
+            from gateway import pg_sync
+
+            feed = pg_sync.start(gw)
         gw.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=gw.settings.upstream_max_connections,
                                            limit_per_host=0, ttl_dns_cache=300),
             auto_decompress=True, skip_auto_headers=("User-Agent",),
         )
         yield
+        if feed is not None:
+            feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feed
         await gw.session.close()
         await gw.ledger.close()
 
@@ -110,16 +121,36 @@ def build_gateway(
             raise ValueError("price table problems:\n" + "\n".join(problems))
     clock = clock or (lambda: datetime.now(UTC))
     ledger = open_ledger(settings.database, synchronous=settings.db_synchronous,
-                         pool_size=settings.db_pool_size)
-    budgets = BudgetEngine(
-        settings.budgets.limits, settings.budgets.tz, settings.budgets.warn_at,
-        ledger.spend_by_scope, settings.budgets.near_cap, settings.budgets.min_output_tokens,
-        clock,
-    )
+                         pool_size=settings.db_pool_size,
+                         reclaim_after_s=settings.db_reclaim_after_s)
+    budgets: BudgetEngine
+    if _shared(settings):  # replicas share one hard cap: admission happens in PostgreSQL
+        from gateway.budget_pg import SharedBudgetEngine
+
+        budgets = SharedBudgetEngine(
+            ledger, settings.budgets.limits, settings.budgets.tz,  # type: ignore[arg-type]
+            settings.budgets.warn_at, settings.budgets.near_cap,
+            settings.budgets.min_output_tokens, clock)
+    else:
+        budgets = BudgetEngine(
+            settings.budgets.limits, settings.budgets.tz, settings.budgets.warn_at,
+            ledger.spend_by_scope, settings.budgets.near_cap,
+            settings.budgets.min_output_tokens, clock,
+        )
     metrics = Metrics(registry)
-    metrics.watch_budgets(BudgetView(budgets, ledger.spend_by_scope))
-    return Gateway(settings, prices, ledger, budgets, KeyRing(settings.keys),
-                   AuditTrail(settings.logs_dir, clock), metrics, clock)
+    # A SQLite ledger has one writer (this process): the engine's book already is its spend.
+    shared = not settings.database.startswith("sqlite:")
+    metrics.watch_budgets(BudgetView(budgets, ledger.spend_by_scope if shared else None))
+    gw = Gateway(settings, prices, ledger, budgets, KeyRing(settings.keys),
+                 AuditTrail(settings.logs_dir, clock), metrics, clock)
+    if _shared(settings):
+        budgets.on_crossings = gw.record_crossings  # type: ignore[attr-defined]
+    return gw
+
+
+def _shared(settings: Settings) -> bool:
+    """PostgreSQL: several replicas may share this database (and its budgets)."""
+    return settings.database.startswith(("postgresql://", "postgres://"))
 
 
 def create_app(settings: Settings, **parts: object) -> web.Application:

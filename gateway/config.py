@@ -96,6 +96,9 @@ class Settings:
     database: str = "sqlite:///data/costwall.db"
     db_synchronous: str = "NORMAL"
     db_pool_size: int = 10
+    # PostgreSQL: a replica not seen for this long is presumed dead and its open requests
+    # are charged at their reserved cost by the others.
+    db_reclaim_after_s: float = 10.0
     logs_dir: Path = Path("logs")
     reports_dir: Path = Path("reports")
     pricing_path: Path = Path("config/pricing.yaml")
@@ -318,6 +321,9 @@ def load_settings(
     if synchronous not in ("NORMAL", "FULL"):
         problems.append("ledger.synchronous: must be NORMAL or FULL")
     pool = _int(ledger.get("pool_size", 10), "ledger.pool_size", problems, 1, 1000)
+    reclaim = _number(ledger.get("reclaim_after_s", 10), "ledger.reclaim_after_s", problems)
+    if 0 < reclaim < 2 or reclaim > 3600:
+        problems.append("ledger.reclaim_after_s: must be between 2 and 3600 seconds")
 
     token_env = str(admin.get("token_env", "COSTWALL_ADMIN_TOKEN"))
     finance_env = str(admin.get("finance_token_env", "COSTWALL_FINANCE_TOKEN"))
@@ -359,7 +365,7 @@ def load_settings(
         host=host, port=port, upstream_url=upstream_url.rstrip("/"), upstream_key=upstream_key,
         upstream_key_env=key_env, upstream_timeout_s=timeout, upstream_connect_timeout_s=connect,
         upstream_max_connections=max_conn, database=database, db_synchronous=synchronous,
-        db_pool_size=pool,
+        db_pool_size=pool, db_reclaim_after_s=reclaim,
         logs_dir=Path(env.get("COSTWALL_LOG_DIR", str(raw.get("logs_dir", "logs")))),
         reports_dir=Path(env.get("COSTWALL_REPORTS_DIR", str(raw.get("reports_dir", "reports")))),
         pricing_path=pricing_path, unknown_model=unknown_model, max_body_bytes=max_body,

@@ -99,7 +99,9 @@ def write_config(directory: Path, upstream_url: str, **overrides: Any) -> Path:
         "server": {"host": "127.0.0.1", "port": 0},
         "upstream": {"base_url": upstream_url, "api_key_env": "COSTWALL_TEST_UPSTREAM_KEY",
                      "timeout_s": 30},
-        "database": f"sqlite:///{directory / 'costwall.db'}",
+        # A test module can run on PostgreSQL instead (tests/test_budgets_pg.py does).
+        "database": os.environ.get("COSTWALL_TEST_DATABASE")
+        or f"sqlite:///{directory / 'costwall.db'}",
         "logs_dir": str(directory / "logs"),
         "reports_dir": str(directory / "reports"),
         "pricing": str(ROOT / "config" / "pricing.yaml"),

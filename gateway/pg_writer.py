@@ -1,0 +1,372 @@
+"""The PostgreSQL writer: one connection, one task, every request-path write grouped.
+
+Same shape as the SQLite writer (datasette's ``execute_write_fn``): reservations, pending
+ledger rows, settlements and final ledger rows are queued, and everything waiting when a
+batch starts shares one transaction and one commit. That matters most for the rows every
+request touches (the global budget): a batch locks each budget row once, decides all of its
+reservations against the locked values in order, and writes each row once, so the hot row is
+held for one short transaction per batch instead of one per request.
+
+Locks are always taken in one order (``ORDER BY period, scope, id`` in ``lock_usage``) by
+every transaction that touches budget rows, here and in crash reclaim, so two replicas never
+deadlock on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import asyncpg
+import orjson
+
+from gateway.budget import Crossing, Reservation, ScopeKey, ScopeState
+from gateway.errors import BudgetExceeded
+from gateway.ledger import COLUMNS, LedgerEntry
+
+log = logging.getLogger("costwall.ledger")
+
+UsageKey = tuple[str, str, str]  # (period, scope, id)
+
+# The reservation the current request task took last; ``PostgresLedger.begin`` links the
+# request's pending row to it (the Ledger interface passes only the entry). The request path
+# always reserves and then begins in the same task, so a context variable carries it exactly.
+pending_reservation: ContextVar[str | None] = ContextVar("costwall_pending_reservation",
+                                                         default=None)
+
+_TYPES = {
+    "id": "text", "ts": "timestamptz", "period": "text", "tenant": "text", "key_name": "text",
+    "agent": "text", "campaign": "text", "task": "text", "model": "text", "endpoint": "text",
+    "stream": "bool", "state": "text", "status": "int4", "prompt_tokens": "int8",
+    "cached_tokens": "int8", "completion_tokens": "int8", "reasoning_tokens": "int8",
+    "reserved": "int8", "cost": "int8", "usage_source": "text", "override": "bool",
+    "override_reason": "text", "latency_ms": "int4", "replica": "text",
+}
+assert tuple(_TYPES) == COLUMNS
+_INSERT = (f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT * FROM unnest("
+           + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES.values(), start=1)) + ")")
+INSERT_PENDING = _INSERT + " ON CONFLICT (id) DO NOTHING"
+UPSERT = (_INSERT + " ON CONFLICT (id) DO UPDATE SET "
+          + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "id"))
+
+
+def entry_columns(entries: Sequence[LedgerEntry]) -> list[list[Any]]:
+    """Column arrays for ``unnest``: one round trip writes any number of rows."""
+    return [[getattr(e, c) for e in entries] for c in COLUMNS]
+
+
+# -- operations -------------------------------------------------------------------------------
+@dataclass(eq=False, slots=True)
+class ReserveOp:
+    """Take a reservation: ``decide`` runs against the locked budget rows of ``scopes``."""
+
+    period: str
+    scopes: tuple[ScopeKey, ...]  # every scope of the request; rows that exist get locked
+    rid: str
+    decide: Callable[[dict[ScopeKey, ScopeState]], Reservation]
+    future: asyncio.Future[Reservation]
+
+
+@dataclass(eq=False, slots=True)
+class ReleaseOp:
+    """Settle a reservation: ``reserved -= amount, spent += cost`` on the rows it holds."""
+
+    rid: str
+    period: str
+    scopes: tuple[ScopeKey, ...]
+    amount: int
+    cost: int
+    tracked: bool = True  # the engine counted it in its mirror and waits for it
+
+
+@dataclass(eq=False, slots=True)
+class BeginOp:
+    """Durably write a pending ledger row (and link it to its reservation)."""
+
+    entry: LedgerEntry
+    rid: str | None
+    future: asyncio.Future[None]
+
+
+@dataclass(eq=False, slots=True)
+class UpsertOp:
+    """Write the final version of a ledger row."""
+
+    entry: LedgerEntry
+
+
+Op = ReserveOp | ReleaseOp | BeginOp | UpsertOp
+
+
+class UsageHook(Protocol):
+    """What the shared budget engine learns from each committed transaction."""
+
+    replica: str
+
+    def crossings(self, before: Mapping[UsageKey, int],
+                  rows: Mapping[UsageKey, ScopeState]) -> list[Crossing]:
+        """Warn thresholds passed between ``before`` (spent) and ``rows`` (now)."""
+
+    def committed(self, rows: Mapping[UsageKey, ScopeState], released: Sequence[ReleaseOp],
+                  crossings: list[Crossing]) -> None:
+        """Rows as committed, releases done, crossings this replica won the right to report."""
+
+
+# -- budget rows ------------------------------------------------------------------------------
+async def lock_usage(conn: asyncpg.Connection,
+                     keys: Iterable[UsageKey]) -> dict[UsageKey, ScopeState]:
+    """Lock the existing budget rows among ``keys``, in the one global order."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return {}
+    rows = await conn.fetch(
+        "SELECT u.period, u.scope, u.id, u.spent, u.reserved FROM budget_usage u "
+        "JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(period, scope, id) "
+        "ON (u.period, u.scope, u.id) = (k.period, k.scope, k.id) "
+        "ORDER BY u.period, u.scope, u.id FOR UPDATE OF u",
+        [k[0] for k in wanted], [k[1] for k in wanted], [k[2] for k in wanted])
+    return {(r[0], r[1], r[2]): ScopeState(0, int(r[3]), int(r[4])) for r in rows}
+
+
+async def write_usage(conn: asyncpg.Connection, rows: Mapping[UsageKey, ScopeState],
+                      before: Mapping[UsageKey, tuple[int, int]]) -> None:
+    """Write back the locked rows that changed."""
+    changed = [k for k, s in rows.items() if (s.spent, s.reserved) != before[k]]
+    if changed:
+        await conn.execute(
+            "UPDATE budget_usage u SET spent = v.spent, reserved = v.reserved, "
+            "updated_at = now() FROM unnest($1::text[], $2::text[], $3::text[], "
+            "$4::numeric[], $5::numeric[]) AS v(period, scope, id, spent, reserved) "
+            "WHERE (u.period, u.scope, u.id) = (v.period, v.scope, v.id)",
+            [k[0] for k in changed], [k[1] for k in changed], [k[2] for k in changed],
+            [rows[k].spent for k in changed], [rows[k].reserved for k in changed])
+
+
+async def claim_crossings(conn: asyncpg.Connection, crossings: list[Crossing],
+                          replica: str) -> list[Crossing]:
+    """The crossings no replica has recorded yet (each is reported exactly once)."""
+    if not crossings:
+        return []
+    won = await conn.fetch(
+        "INSERT INTO budget_crossings (period, scope, id, threshold, replica) "
+        "SELECT *, $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+        "ON CONFLICT DO NOTHING RETURNING period, scope, id, threshold",
+        [c.period for c in crossings], [c.scope for c in crossings],
+        [c.id for c in crossings], [str(c.threshold) for c in crossings], replica)
+    keys = {(r[0], r[1], r[2], r[3]) for r in won}
+    return [c for c in crossings if (c.period, c.scope, c.id, str(c.threshold)) in keys]
+
+
+def apply_release(rows: Mapping[UsageKey, ScopeState], period: str,
+                  scopes: Iterable[ScopeKey], amount: int, cost: int) -> None:
+    for scope in scopes:
+        state = rows.get((period, *scope))
+        if state is not None:
+            state.reserved -= amount
+            state.spent += cost
+
+
+# -- the writer -------------------------------------------------------------------------------
+_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                      asyncpg.exceptions.AdminShutdownError,
+                      asyncpg.exceptions.CannotConnectNowError)
+_RETRY_ERRORS = (asyncpg.exceptions.DeadlockDetectedError,
+                 asyncpg.exceptions.SerializationError, *_CONNECTION_ERRORS)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    reserves: list[ReserveOp]
+    results: list[Reservation | BudgetExceeded]
+    begins: list[BeginOp]
+    releases: list[ReleaseOp]
+    rows: dict[UsageKey, ScopeState]
+    crossings: list[Crossing] = field(default_factory=list)
+
+
+class PgWriter:
+    """Owns one connection and commits queued request-path writes in batches."""
+
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], replica: str,
+                 max_batch: int = 512):
+        self._connect = connect
+        self.replica = replica
+        self.max_batch = max_batch
+        self.hook: UsageHook | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._queue: asyncio.Queue[Op] = asyncio.Queue()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # statistics for benchmarks
+        self.ops = 0
+
+    async def start(self) -> None:
+        self._conn = await self._connect()
+        self._task = asyncio.create_task(self._loop(), name="costwall-pg-writer")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await self.flush()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    def put(self, op: Op) -> None:
+        self._queue.put_nowait(op)
+
+    async def flush(self) -> None:
+        """Wait until every queued write is committed."""
+        while not self._queue.empty() or not self._idle.is_set():
+            await self._idle.wait()
+            await asyncio.sleep(0)
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            self._idle.clear()
+            batch = [first]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._process(batch)
+            except Exception:  # never let the writer die; the ops are reported failed
+                log.exception("ledger writer: unexpected failure")
+            self.batches += 1
+            self.ops += len(batch)
+            if self._queue.empty():
+                self._idle.set()
+
+    async def _process(self, batch: list[Op]) -> None:
+        """Commit a batch; retry while the database is away; isolate a bad operation."""
+        delay, attempts = 0.05, 0
+        while True:
+            batch = [op for op in batch if not _abandoned(op)]
+            if not batch:
+                return
+            try:
+                outcome = await self._attempt(batch)
+            except Exception as exc:
+                lost = self._conn is None or self._conn.is_closed()
+                attempts += 1
+                # While the database is away, keep the writes (a settlement must not be lost
+                # while this process lives); a deadlock or serialization failure is retried a
+                # few times; anything else is a bad operation, isolated below.
+                if isinstance(exc, _RETRY_ERRORS) and (lost or attempts <= 5):
+                    log.warning("ledger writer: %s; retrying", type(exc).__name__)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    await self._reconnect()
+                    continue
+                if len(batch) == 1:
+                    self._fail(batch[0], exc)
+                    return
+                for op in batch:
+                    await self._process([op])
+                return
+            self._deliver(outcome)
+            return
+
+    async def _reconnect(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            self._conn = await self._connect()
+
+    def _fail(self, op: Op, exc: BaseException) -> None:
+        log.error("ledger write failed (%s): %s", type(op).__name__, exc)
+        if isinstance(op, ReserveOp | BeginOp) and not op.future.done():
+            op.future.set_exception(exc)
+        elif isinstance(op, ReleaseOp) and op.tracked and self.hook is not None:
+            self.hook.committed({}, [op], [])
+
+    async def _attempt(self, batch: list[Op]) -> _Outcome:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            raise asyncpg.InterfaceError("writer connection is closed")
+        reserves = [op for op in batch if isinstance(op, ReserveOp)]
+        releases = [op for op in batch if isinstance(op, ReleaseOp)]
+        begins = [op for op in batch if isinstance(op, BeginOp)]
+        finals = {op.entry.id: op.entry for op in batch if isinstance(op, UpsertOp)}
+        keys = {(op.period, *s) for op in [*reserves, *releases] for s in op.scopes}
+        async with conn.transaction():
+            rows = await lock_usage(conn, keys)
+            before = {k: (s.spent, s.reserved) for k, s in rows.items()}
+            if releases:
+                gone = {r[0] for r in await conn.fetch(
+                    "DELETE FROM reservations WHERE id = ANY($1::text[]) RETURNING id",
+                    [op.rid for op in releases])}
+                for op in releases:
+                    if op.rid in gone:  # else a reclaim already charged it
+                        apply_release(rows, op.period, op.scopes, op.amount, op.cost)
+            results = [self._decide(op, rows) for op in reserves]
+            granted = [(op, r) for op, r in zip(reserves, results, strict=True)
+                       if isinstance(r, Reservation) and r.scopes]
+            if granted:
+                await conn.execute(
+                    "INSERT INTO reservations (id, replica, period, scopes, amount) "
+                    "SELECT i, $2, p, s, a FROM unnest($1::text[], $3::text[], $4::jsonb[], "
+                    "$5::int8[]) AS v(i, p, s, a)",
+                    [op.rid for op, _ in granted], self.replica,
+                    [op.period for op, _ in granted],
+                    [orjson.dumps(r.scopes).decode() for _, r in granted],
+                    [r.amount for _, r in granted])
+            await write_usage(conn, rows, before)
+            if begins:
+                await conn.execute(INSERT_PENDING, *entry_columns([op.entry for op in begins]))
+                linked = [op for op in begins if op.rid]
+                if linked:
+                    await conn.execute(
+                        "UPDATE reservations SET request_id = v.q FROM unnest($1::text[], "
+                        "$2::text[]) AS v(r, q) WHERE reservations.id = v.r",
+                        [op.rid for op in linked], [op.entry.id for op in linked])
+            if finals:
+                await conn.execute(UPSERT, *entry_columns(list(finals.values())))
+            crossings: list[Crossing] = []
+            if self.hook is not None and rows:
+                spent_before = {k: v[0] for k, v in before.items()}
+                crossings = await claim_crossings(
+                    conn, self.hook.crossings(spent_before, rows), self.replica)
+        return _Outcome(reserves, results, begins, releases, rows, crossings)
+
+    @staticmethod
+    def _decide(op: ReserveOp, rows: dict[UsageKey, ScopeState]
+                ) -> Reservation | BudgetExceeded:
+        view = {s: rows[(op.period, *s)] for s in op.scopes if (op.period, *s) in rows}
+        try:
+            return op.decide(view)
+        except BudgetExceeded as exc:
+            return exc
+
+    def _deliver(self, outcome: _Outcome) -> None:
+        for op, result in zip(outcome.reserves, outcome.results, strict=True):
+            if op.future.done():  # the caller gave up after all: give the budget back
+                if isinstance(result, Reservation) and result.scopes:
+                    self.put(ReleaseOp(op.rid, op.period, result.scopes, result.amount, 0,
+                                       tracked=False))
+            elif isinstance(result, BudgetExceeded):
+                op.future.set_exception(result)
+            else:
+                op.future.set_result(result)
+        for begin in outcome.begins:
+            if begin.future.done():  # never forwarded: close the row at no cost
+                self.put(UpsertOp(replace(begin.entry, state="settled", cost=0,
+                                          usage_source="none")))
+            else:
+                begin.future.set_result(None)
+        if self.hook is not None:
+            self.hook.committed(outcome.rows, outcome.releases, outcome.crossings)
+
+
+def _abandoned(op: Op) -> bool:
+    """A reservation or pending row whose caller stopped waiting before it was written."""
+    return isinstance(op, ReserveOp | BeginOp) and op.future.done()
