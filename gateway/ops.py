@@ -2,18 +2,18 @@
 
 Shutdown (SIGTERM in ``costwall serve``, or ``AppRunner.cleanup``) runs in this order:
 aiohttp stops listening and closes idle keep-alive connections; ``drain`` (an ``on_shutdown``
-hook) marks the gateway not ready and waits until no proxied request is in flight, up to
-``limits.shutdown_grace_s``; aiohttp then waits for (and after the grace period cancels) any
-handler still running; finally ``cleanup_ctx`` closes the upstream session and the ledger, whose
-``close`` commits every queued settlement. Streams that finish within the grace period are
-therefore relayed to the end, settled from the upstream's usage and durable before exit.
+hook) marks the gateway not ready and logs what is still in flight; aiohttp then waits for the
+running handlers up to its ``shutdown_timeout`` (``costwall serve`` passes
+``limits.shutdown_grace_s``) and cancels those still running; finally ``cleanup_ctx`` closes the
+upstream session and the ledger, whose ``close`` commits every queued settlement. Streams that
+finish within the grace period are relayed to the end, settled from the upstream's usage and
+durable before exit; a stream cut by the deadline is charged for the tokens it streamed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -54,19 +54,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def drain(app: web.Application) -> None:
-    """Wait for in-flight proxied requests to finish, up to the configured grace period."""
+    """Stop being ready and say what is still running; aiohttp does the waiting.
+
+    A second wait here would add to aiohttp's own ``shutdown_timeout`` and so could double the
+    time to exit past the orchestrator's kill deadline.
+    """
     app[OPS].draining = True
     gw = app[GATEWAY]
-    grace = gw.settings.shutdown_grace_s
-    if gw.inflight:
-        log.info("shutting down: waiting up to %.0f s for %d in-flight requests", grace,
-                 gw.inflight, extra={"inflight": gw.inflight})
-    deadline = time.monotonic() + grace
-    while gw.inflight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    if gw.inflight:
-        log.warning("grace period over with %d requests still in flight; they are cut and "
-                    "charged what was produced", gw.inflight)
+    log.info("shutting down: %d proxied requests in flight, grace period %.0f s",
+             gw.inflight, gw.settings.shutdown_grace_s,
+             extra={"inflight": gw.inflight, "grace_s": gw.settings.shutdown_grace_s})
 
 
 def setup_ops(app: web.Application) -> None:

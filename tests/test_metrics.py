@@ -232,7 +232,9 @@ def test_budget_gauges_after_restart_and_month_rollover(tmp_path: Path) -> None:
         # Month rollover with no request since: the gauges show April, from zero.
         clock.now += timedelta(minutes=20)
         assert stack.gw.budgets.status() == []  # the engine has not touched April yet
-        stack.gw.metrics.budget_view.min_interval = 0
+        view = stack.gw.metrics.budget_view
+        assert view is not None
+        view.min_interval = 0
         samples, _ = scrape(stack)
         assert value(samples, "costwall_budget_spent_usd", scope="global", id="global") == 0
         assert value(samples, "costwall_budget_limit_usd", scope="global", id="global") == 5
@@ -251,7 +253,10 @@ def test_budget_gauges_after_restart_and_month_rollover(tmp_path: Path) -> None:
 
 def test_budget_gauges_include_spend_of_other_replicas(make_stack: Any) -> None:
     stack: Stack = make_stack(budgets={"tenants": {"acme": {"monthly_usd": "10"}}})
-    stack.gw.metrics.budget_view.min_interval = 0
+    view = stack.gw.metrics.budget_view
+    assert view is not None and view.shared_spend is None  # SQLite: one writer
+    # As with a database shared by replicas (PostgreSQL): read the ledger at each scrape.
+    view.shared_spend, view.min_interval = stack.gw.ledger.spend_by_scope, 0
     stack.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
     own = sum(r.cost for r in stack.rows())
 
@@ -276,14 +281,16 @@ def test_budget_gauges_include_spend_of_other_replicas(make_stack: Any) -> None:
 
 def test_gauges_survive_an_unreachable_ledger(make_stack: Any) -> None:
     stack: Stack = make_stack(budgets={"tenants": {"acme": {"monthly_usd": "10"}}})
-    stack.gw.metrics.budget_view.min_interval = 0
+    view = stack.gw.metrics.budget_view
+    assert view is not None
+    view.min_interval = 0
     stack.client().chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=20)
     spent = sum(r.cost for r in stack.rows())
 
     async def broken(period: str) -> dict[Any, int]:
         raise ConnectionError("database down")
 
-    stack.gw.metrics.budget_view._load_spend = broken
+    view.shared_spend = broken
     samples, _ = scrape(stack)  # still 200, from this replica's own book
     assert math.isclose(value(samples, "costwall_budget_spent_usd", scope="tenant", id="acme"),
                         usd(spent), rel_tol=1e-12)

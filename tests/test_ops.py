@@ -133,6 +133,51 @@ def test_sigterm_lets_inflight_streams_finish_and_settles_them(
         assert cost > 0
 
 
+def test_streams_past_the_grace_period_are_cut_and_charged_what_they_streamed(
+        tmp_path: Path, upstream: tuple[LoopThread, FakeUpstreamState, str]) -> None:
+    _, state, url = upstream
+    state.chunk_delay_s = 0.3  # 100 tokens = 25 chunks: ~7.5 s, far past a 1 s grace
+    config = write_config(tmp_path, url, limits={"shutdown_grace_s": 1})
+    server = ServeProcess(config, test_env())
+    server.start()
+    received: list[str] = []
+    errors: list[BaseException] = []
+
+    def stream() -> None:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEYS["acme-content"]["key"],
+                               max_retries=0, timeout=30)
+        try:
+            for chunk in client.chat.completions.create(
+                    model="gpt-4o-mini", max_tokens=100, stream=True,
+                    messages=[{"role": "user", "content": "a long story"}]):
+                if chunk.choices:
+                    received.append(chunk.choices[0].delta.content or "")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(received) < 4:
+        assert time.monotonic() < deadline, "the stream did not start"
+        time.sleep(0.05)
+    assert server.proc is not None
+    sent = time.monotonic()
+    server.proc.send_signal(15)
+    assert server.proc.wait(15) == 0
+    assert time.monotonic() - sent < 4  # the grace period, not the stream, bounded the exit
+    thread.join(10)
+    streamed = len("".join(received).split())
+    assert 0 < streamed < 100
+
+    with sqlite3.connect(f"file:{tmp_path / 'costwall.db'}?mode=ro", uri=True) as conn:
+        [(row_state, source, completion, cost, reserved)] = conn.execute(
+            "SELECT state, usage_source, completion_tokens, cost, reserved FROM requests")
+    assert (row_state, source) == ("settled", "counted")
+    assert streamed <= completion < 100  # what was produced (the client may miss the last bit)
+    assert 0 < cost < reserved
+
+
 # -- readiness --------------------------------------------------------------------------------
 def test_readyz_fails_when_the_database_is_unreachable(stack: Stack) -> None:
     ready = stack.request("GET", "/readyz")
