@@ -5,10 +5,9 @@ here, by one rule (see ``allocate_cents``): in every table of the PDF the printe
 to the printed total, and the printed total is the exact ledger total rounded half-up to the
 cent, which is also what the CSV's exact ``cost_usd`` column sums to before rounding.
 
-Rendering is sandboxed: the PDF template is Jinja2 with autoescape on, and xhtml2pdf may read
-only the bundled files in ``admin/assets`` (a ``link_callback`` allow-list that answers
-``data:,`` for everything else, plus a ``ResourceAccessPolicy`` confined to that folder with
-remote fetches off). Campaign names and other request-supplied text are untrusted throughout.
+Rendering is sandboxed: the PDF template is Jinja2 with autoescape on, and xhtml2pdf runs in
+``admin.pdf_sandbox`` (bundled assets only, no network). Campaign names and other
+request-supplied text are untrusted throughout.
 
 Used by ``costwall invoice`` (``invoice_command``) and by the admin routes, which call
 ``build_invoice`` then ``render_pdf`` / ``render_csv`` (``render_pdf`` is CPU-bound: run it in a
@@ -17,16 +16,14 @@ thread, e.g. ``await asyncio.to_thread(render_pdf, invoice)``).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import os
 import re
 import sys
-import threading
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
@@ -36,22 +33,19 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 
+from admin.pdf_sandbox import (  # re-exported: the invoice API in one place
+    ASSETS,
+    BUNDLED_ASSETS,
+    InvoiceRenderError,
+    html_to_pdf,
+    link_callback,
+)
 from gateway.budget import period_of
 from gateway.config import Settings
 from gateway.ledger import Ledger, LedgerEntry, open_ledger
 from gateway.money import PICO_PER_USD, format_usd
 
-HERE = Path(__file__).resolve().parent
-ASSETS = HERE / "assets"
-TEMPLATES = HERE / "templates"
-#: The only files the PDF renderer may read, by the name the template uses for them.
-BUNDLED_ASSETS: dict[str, Path] = {
-    "asset:logo.png": ASSETS / "logo.png",
-    "asset:fonts/DejaVuSans.ttf": ASSETS / "fonts" / "DejaVuSans.ttf",
-    "asset:fonts/DejaVuSans-Bold.ttf": ASSETS / "fonts" / "DejaVuSans-Bold.ttf",
-}
-BLOCKED = "data:,"  # what the link_callback answers for anything else (None would fetch it)
-
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 PICO_PER_CENT = PICO_PER_USD // 100
 PERIOD_RE = re.compile(r"(?P<year>[0-9]{4})-(?P<month>0[1-9]|1[0-2])")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -64,10 +58,14 @@ CSV_COLUMNS = (
     "latency_ms",
 )
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
-
-
-class InvoiceRenderError(Exception):
-    """The PDF could not be rendered (a render limit was hit or xhtml2pdf failed)."""
+__all__ = [  # the invoice API, including what it re-exports from admin.pdf_sandbox
+    "ASSETS", "BUNDLED_ASSETS", "CSV_COLUMNS", "MAX_LINES", "Breakdown", "Invoice",
+    "InvoiceRenderError", "InvoiceSource", "Line", "allocate_cents", "build_invoice", "charge",
+    "display_label", "format_cents", "html_to_pdf", "invoice_command", "invoice_files",
+    "invoice_number", "invoice_paths", "link_callback", "make_invoice", "neutralise",
+    "render_csv", "render_html", "render_pdf", "round_half_up_cents", "safe_name",
+    "validate_period", "write_invoice",
+]
 
 
 class InvoiceSource(Protocol):
@@ -374,12 +372,6 @@ def render_csv(invoice: Invoice) -> bytes:
 
 
 # -- PDF --------------------------------------------------------------------------------------
-def link_callback(uri: str, rel: str | None = None) -> str:
-    """Resolve only the bundled assets; every other URL or path becomes an empty data URI."""
-    path = BUNDLED_ASSETS.get(uri)
-    return str(path) if path is not None else BLOCKED
-
-
 @cache
 def _templates() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
@@ -391,27 +383,6 @@ def _templates() -> jinja2.Environment:
     return env
 
 
-_INVARIANT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _reportlab_invariant() -> Iterator[None]:
-    """ReportLab's invariant mode: no creation time or random file id, so same input → same PDF.
-
-    It is a process-wide switch in ``rl_config``; the lock keeps our renders from interleaving
-    with each other while it is set.
-    """
-    from reportlab import rl_config
-
-    with _INVARIANT_LOCK:
-        before = rl_config.invariant
-        rl_config.invariant = 1
-        try:
-            yield
-        finally:
-            rl_config.invariant = before
-
-
 def render_html(invoice: Invoice) -> str:
     """The invoice as the XHTML xhtml2pdf renders (autoescaped Jinja2)."""
     return _templates().get_template("invoice_pdf.html").render(inv=invoice)
@@ -420,32 +391,6 @@ def render_html(invoice: Invoice) -> str:
 def render_pdf(invoice: Invoice) -> bytes:
     """The branded PDF. Deterministic for the same invoice; reads nothing but bundled assets."""
     return html_to_pdf(render_html(invoice), f"invoice {invoice.number}")
-
-
-def html_to_pdf(html: str, what: str = "document") -> bytes:
-    """xhtml2pdf under the invoice sandbox: bundled assets only, no network, render limits.
-
-    Raises ``InvoiceRenderError`` (never anything else) when the document cannot be rendered.
-    """
-    from xhtml2pdf import pisa
-    from xhtml2pdf.config.resources import RenderLimitError, ResourceAccessPolicy
-
-    policy = ResourceAccessPolicy.server(base_dir=ASSETS, allow_remote=False,
-                                         max_render_seconds=300)
-    out = io.BytesIO()
-    with _reportlab_invariant():
-        try:
-            result = pisa.pisaDocument(html, dest=out, link_callback=link_callback,
-                                       resource_policy=policy, encoding="utf-8",
-                                       path=str(ASSETS / "invoice.html"))
-        except RenderLimitError as exc:
-            raise InvoiceRenderError(f"{what} is too large to render: {exc}") from exc
-        except Exception as exc:  # xhtml2pdf raises many kinds; none may become a 500
-            raise InvoiceRenderError(f"{what} could not be rendered: "
-                                     f"{type(exc).__name__}: {exc}") from exc
-    if getattr(result, "err", 0):
-        raise InvoiceRenderError(f"{what} could not be rendered ({result.err} errors)")
-    return out.getvalue()
 
 
 # -- files and the command line ---------------------------------------------------------------
