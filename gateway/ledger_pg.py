@@ -298,10 +298,10 @@ class PostgresLedger:
             where += " AND tenant = $2"
             params.append(tenant)
         rows = await self.pool.fetch(
-            f"SELECT {column} AS grp, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), "
-            f"SUM(completion_tokens), SUM(reasoning_tokens), SUM({_COST}), "
+            f"SELECT ({column}) COLLATE \"C\" AS grp, COUNT(*), SUM(prompt_tokens), "
+            f"SUM(cached_tokens), SUM(completion_tokens), SUM(reasoning_tokens), SUM({_COST}), "
             f"SUM(override::int) FROM requests WHERE {where} GROUP BY grp "
-            "ORDER BY grp COLLATE \"C\"", *params)
+            "ORDER BY grp", *params)
         return [UsageRow(str(r[0]), *(_int(v) for v in tuple(r)[1:])) for r in rows]
 
     async def entries(self, period: str, tenant: str | None = None) -> list[LedgerEntry]:

@@ -7,9 +7,11 @@ Each database has a random name, so tests running in parallel never see each oth
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import asyncpg
@@ -26,23 +28,42 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+@functools.cache
 def available() -> bool:
-    try:
-        asyncio.run(_admin("SELECT 1"))
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return False
-    return True
+    """Whether the server answers (asked once, from a thread: callers may be inside a loop)."""
+
+    def probe() -> bool:
+        try:
+            asyncio.run(_admin("SELECT 1"))
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False
+        return True
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(probe).result()
+
+
+async def create_database() -> str:
+    """The URL of a fresh, empty database (drop it with ``drop_database``)."""
+    name = f"costwall_test_{secrets.token_hex(6)}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    return f"{SERVER}/{name}"
+
+
+async def drop_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    assert name.startswith("costwall_test_")
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
 def temp_database() -> Iterator[str]:
-    """The URL of a fresh, empty database, dropped (with its connections) afterwards."""
-    name = f"costwall_test_{secrets.token_hex(6)}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    """A fresh database for synchronous tests, dropped (with its connections) afterwards."""
+    url = asyncio.run(create_database())
     try:
-        yield f"{SERVER}/{name}"
+        yield url
     finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(drop_database(url))
 
 
 def require() -> None:
