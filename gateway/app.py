@@ -138,9 +138,7 @@ def build_gateway(
             settings.budgets.min_output_tokens, clock,
         )
     metrics = Metrics(registry)
-    # A SQLite ledger has one writer (this process): the engine's book already is its spend.
-    shared = not settings.database.startswith("sqlite:")
-    metrics.watch_budgets(BudgetView(budgets, ledger.spend_by_scope if shared else None))
+    metrics.watch_budgets(BudgetView(budgets))
     gw = Gateway(settings, prices, ledger, budgets, KeyRing(settings.keys),
                  AuditTrail(settings.logs_dir, clock), metrics, clock)
     if _shared(settings):

@@ -4,9 +4,9 @@ Label values come only from configured names (scopes, key tenants and agents, pr
 anything free-form from a request header is folded into ``other``. Exact money stays in the
 ledger; the float counters here are for dashboards and alerts.
 
-Budget gauges are computed at scrape time by ``BudgetView`` from this replica's live book of
-the current month and, when several replicas share the database, the ledger's spend for the
-month, so that they are right after a restart, after a month rollover and on every replica.
+Budget gauges are computed at scrape time by ``BudgetView`` from the budget engine's book of
+the current month, which it loads when a month starts, so that they are right after a
+restart, after a month rollover and (PostgreSQL) on every replica.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -23,12 +23,12 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.budget import ScopeKey, ScopeStatus
+from gateway.budget import ScopeStatus
 from gateway.money import to_usd
 from gateway.pricing import Usage
 
 if TYPE_CHECKING:
-    from gateway.budget import BudgetEngine, SpendLoader
+    from gateway.budget import BudgetEngine
 
 log = logging.getLogger("costwall.metrics")
 
@@ -43,64 +43,41 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class BudgetView:
     """Per-scope limit, spend and reservations of the current month, as the gauges show them.
 
-    ``refresh`` (awaited before each scrape, at most once per ``min_interval``) makes sure the
-    engine has the current month's book loaded, so a month rollover shows up without waiting
-    for a request. The book was loaded from the ledger and then follows every settlement of
-    this replica, so with a ledger that only this process writes (SQLite) it *is* the ledger's
-    spend and nothing more is read.
-
-    With a shared ledger (``shared_spend``, e.g. PostgreSQL behind several replicas) refresh
-    also reads the month's spend per scope from it, and ``rows`` reports ``spent = max(own
-    book's spent, ledger spend − own reservations)``: the ledger holds what other replicas
-    spent and counts in-flight requests at their reserved amount (this replica's are exported
-    separately as ``reserved``); the book is never behind this replica's own settlements, which
-    reach the ledger a few milliseconds later. That read is one aggregate over the month's rows
-    (about 0.4 s for 200k rows on SQLite), hence ``min_interval``.
+    The engine's book is the source: loaded from the database when a month is first touched,
+    then kept current by every settlement (and, with PostgreSQL, mirrored from the shared
+    budget rows by ``pg_sync``, so it shows what the other replicas spent too). The one thing
+    a book cannot do by itself is appear: right after a month rollover no request may have
+    touched the new month yet. ``refresh``, awaited before each scrape (at most once per
+    ``min_interval``), loads the current month's book so the gauges move to the new month on
+    time. If that fails (database down), the current month's gauges are left out rather than
+    shown as zero.
     """
 
-    def __init__(self, budgets: BudgetEngine, shared_spend: SpendLoader | None = None,
-                 min_interval: float = 5.0, timeout: float = 5.0):
+    def __init__(self, budgets: BudgetEngine, min_interval: float = 1.0, timeout: float = 5.0):
         self.budgets = budgets
-        self.shared_spend = shared_spend
         self.min_interval = min_interval
         self.timeout = timeout
-        self._ledger: tuple[str, Mapping[ScopeKey, int]] | None = None
         self._refreshed = float("-inf")
         self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
-        """Load the current month's book and ledger spend; errors keep the last snapshot."""
+        """Make sure the current month's book is loaded; errors are logged, not raised."""
         if time.monotonic() - self._refreshed < self.min_interval:
             return
         async with self._lock:
             if time.monotonic() - self._refreshed < self.min_interval:
                 return
-            period = self.budgets.current_period()
             try:
                 async with asyncio.timeout(self.timeout):
-                    await self.budgets.book(period)
-                    if self.shared_spend is not None:
-                        self._ledger = (period, dict(await self.shared_spend(period)))
+                    await self.budgets.book(self.budgets.current_period())
             except Exception as exc:
-                log.warning("budget gauges: could not read the ledger (%s); showing this "
-                            "replica's own view", type(exc).__name__)
+                log.warning("budget gauges: could not load this month's budgets (%s)",
+                            type(exc).__name__)
             self._refreshed = time.monotonic()
 
     def rows(self) -> list[ScopeStatus]:
         """One status per limited scope of the current month (configured scopes only)."""
-        period = self.budgets.current_period()
-        own = {(s.scope, s.id): s for s in self.budgets.status(period)}
-        ledger = self._ledger[1] if self._ledger and self._ledger[0] == period else {}
-        out = []
-        for key, limit in sorted(self.budgets.limits.items()):
-            mine = own.get(key)
-            spent = mine.spent if mine else 0
-            reserved = mine.reserved if mine else 0
-            if key in ledger:
-                spent = max(spent, ledger[key] - reserved)
-            out.append(ScopeStatus(key[0], key[1], period, mine.limit if mine else limit,
-                                   spent, reserved))
-        return out
+        return self.budgets.status(self.budgets.current_period())
 
 
 class BudgetCollector(Collector):
@@ -113,11 +90,10 @@ class BudgetCollector(Collector):
         limit = GaugeMetricFamily("costwall_budget_limit_usd", "Monthly budget limit (USD).",
                                   labels=["scope", "id"])
         spent = GaugeMetricFamily("costwall_budget_spent_usd",
-                                  "Spend recorded this month (USD), all replicas.",
-                                  labels=["scope", "id"])
+                                  "Spend recorded this month (USD).", labels=["scope", "id"])
         reserved = GaugeMetricFamily("costwall_budget_reserved_usd",
-                                     "Upper bound reserved by this replica's in-flight "
-                                     "requests (USD).", labels=["scope", "id"])
+                                     "Upper bound reserved by requests in flight (USD).",
+                                     labels=["scope", "id"])
         ratio = GaugeMetricFamily("costwall_budget_utilization_ratio",
                                   "Spent / limit this month (0..1, above 1 after overrides).",
                                   labels=["scope", "id"])
