@@ -70,6 +70,7 @@ class SharedBudgetEngine(BudgetEngine):
         self._ensured: set[UsageKey] = set()
         # This replica's settlements queued but not committed: [spent, reserved] deltas.
         self._unflushed: dict[UsageKey, list[int]] = {}
+        self._commits = 0  # writer commits seen, to notice a read that raced one
 
     # -- budget rows -------------------------------------------------------------------------
     async def _ensure(self, period: str, keys: Iterable[ScopeKey]) -> None:
@@ -77,6 +78,15 @@ class SharedBudgetEngine(BudgetEngine):
         if missing:
             await self.ledger.ensure_usage(missing)
             self._ensured.update(missing)
+
+    async def _rows(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
+        """The period's rows, re-read (a few times at most) if a commit raced the read."""
+        for _ in range(3):
+            seen = self._commits
+            rows = await self.ledger.usage_rows(period)
+            if seen == self._commits:
+                break
+        return rows
 
     def _mirror(self, key: UsageKey, spent: int, reserved: int) -> None:
         book = self._books.get(key[0])
@@ -95,11 +105,12 @@ class SharedBudgetEngine(BudgetEngine):
             book = self._books.get(period)
             if book is None:
                 await self._ensure(period, list(self.limits))
-                rows = await self.ledger.usage_rows(period)
                 book = PeriodBook(period)
                 for key, limit in self.limits.items():
-                    book.states[key] = ScopeState(limit, *rows.get(key, (0, 0)))
+                    book.states[key] = ScopeState(limit)
                 self._books[period] = book
+                for key, (spent, reserved) in (await self._rows(period)).items():
+                    self._mirror((period, *key), spent, reserved)
                 self._drop_old_books(period)
         return book
 
@@ -109,7 +120,7 @@ class SharedBudgetEngine(BudgetEngine):
         if period not in self._books:
             await self.book(period)
             return
-        for key, (spent, reserved) in (await self.ledger.usage_rows(period)).items():
+        for key, (spent, reserved) in (await self._rows(period)).items():
             self._mirror((period, *key), spent, reserved)
 
     # -- admission ---------------------------------------------------------------------------
@@ -195,6 +206,7 @@ class SharedBudgetEngine(BudgetEngine):
 
     def committed(self, rows: Mapping[UsageKey, ScopeState], released: Sequence[ReleaseOp],
                   crossings: list[Crossing]) -> None:
+        self._commits += 1
         for op in released:
             if not op.tracked:
                 continue
@@ -224,7 +236,8 @@ class SharedBudgetEngine(BudgetEngine):
             await self._ensure(book.period, [key])
             state = book.states.get(key)
             if state is None:
-                spent, reserved = (await self.ledger.usage_rows(book.period)).get(key, (0, 0))
-                book.states[key] = ScopeState(limit, spent, reserved)
+                book.states[key] = ScopeState(limit)
+                rows = await self._rows(book.period)
+                self._mirror((book.period, *key), *rows.get(key, (0, 0)))
             else:
                 state.limit = limit
