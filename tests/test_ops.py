@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sqlite3
@@ -388,7 +389,8 @@ def test_docker_compose_config_is_valid(profile: str | None) -> None:
     assert COMPOSE is not None
     args = [*COMPOSE, *(["--profile", profile] if profile else []), "config"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT,
-                            env={"PATH": "/usr/local/bin:/usr/bin:/bin",
+                            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                 "HOME": os.environ.get("HOME", "/root"),
                                  "OPENAI_API_KEY": "sk-test"})
     assert result.returncode == 0, result.stderr
     model = yaml.safe_load(result.stdout)
