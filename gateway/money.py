@@ -43,6 +43,8 @@ def parse_usd(value: object) -> Decimal:
 def to_pico(value: object) -> int:
     """USD (string/int/Decimal) to integer pico-dollars; refuses sub-pico precision."""
     amount = parse_usd(value)
+    if amount.adjusted() > 15:  # beyond a quadrillion dollars: a typo, not a budget
+        raise MoneyError(f"{value!r} is too large")
     pico = amount.scaleb(12)
     if pico != pico.to_integral_value():
         raise MoneyError(f"{value!r} has more than 12 decimal places")

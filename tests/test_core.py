@@ -28,7 +28,7 @@ PRICES, PROBLEMS = load_price_table(ROOT / "config" / "pricing.yaml")
 def test_money_is_exact_and_refuses_floats() -> None:
     assert to_pico("0.1") + to_pico("0.2") == to_pico("0.3")
     assert format_usd(to_pico("1234.5")) == "1234.5" and format_usd(0) == "0"
-    for bad in (0.1, "abc", "-1", "NaN", "1e-13", True):
+    for bad in (0.1, "abc", "-1", "NaN", "1e-13", True, "1e999999", "Infinity"):
         with pytest.raises(MoneyError):
             to_pico(bad)
 
