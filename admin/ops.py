@@ -46,8 +46,11 @@ class ScopeView:
 
     def as_json(self) -> dict[str, Any]:
         s = self.status
-        return {"scope": s.scope, "id": s.id, "limit_usd": format_usd(s.limit),
-                "spent_usd": format_usd(s.spent), "reserved_usd": format_usd(s.reserved),
+        limit, spent, reserved = format_usd(s.limit), format_usd(s.spent), format_usd(s.reserved)
+        # SPEC names the fields limit/spent/reserved/utilization; the _usd names match the
+        # 402 body's budget object. Both are kept so scripts written either way work.
+        return {"scope": s.scope, "id": s.id, "limit_usd": limit, "spent_usd": spent,
+                "reserved_usd": reserved, "limit": limit, "spent": spent, "reserved": reserved,
                 "utilization": str(s.utilization.quantize(Decimal("0.000001"))),
                 "source": self.source, "level": self.level}
 

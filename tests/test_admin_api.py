@@ -207,7 +207,8 @@ def test_get_budget_reports_exact_spend_per_scope(admin_stack: Stack) -> None:
     by_key = {(r["scope"], r["id"]): r for r in body["scopes"]}
     assert set(by_key) == {("global", "global"), ("tenant", "acme"), ("agent", "content")}
     g = by_key[("global", "global")]
-    assert g["limit_usd"] == "100" and g["spent_usd"] == format_usd(total)
+    assert g["limit_usd"] == g["limit"] == "100" and g["spent_usd"] == format_usd(total)
+    assert g["spent"] == g["spent_usd"] and g["reserved"] == g["reserved_usd"]
     assert g["reserved_usd"] == "0" and g["source"] == "config" and g["level"] == "ok"
     assert Decimal(g["utilization"]) == (Decimal(total) / to_pico("100")).quantize(
         Decimal("0.000001"))
