@@ -102,6 +102,10 @@ def encoding(name: str) -> tiktoken.Encoding:
         }
         pat, special = _SPECS[name]
         enc = tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks, special_tokens=special)
+        # The Rust core now holds its own copy of the ranks; tiktoken keeps this dict only to
+        # pickle the Encoding, which costwall never does. Emptying it frees ~27 MB per
+        # encoding (200k bytes objects) for the life of the process.
+        ranks.clear()
         _cache[name] = enc
         return enc
 
