@@ -48,16 +48,83 @@ _TYPES = {
     "override_reason": "text", "latency_ms": "int4", "replica": "text",
 }
 assert tuple(_TYPES) == COLUMNS
-_INSERT = (f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT * FROM unnest("
-           + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES.values(), start=1)) + ")")
-INSERT_PENDING = _INSERT + " ON CONFLICT (id) DO NOTHING"
-UPSERT = (_INSERT + " ON CONFLICT (id) DO UPDATE SET "
-          + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "id"))
+
+
+def _insert_requests(first: int, final: bool) -> str:
+    """INSERT of column arrays (parameters from ``$first``): pending rows or final rows."""
+    sql = (f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT * FROM unnest("
+           + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES.values(), start=first))
+           + ")")
+    if not final:
+        return sql + " ON CONFLICT (id) DO NOTHING"  # a retried begin keeps the first row
+    return sql + " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
+        f"{c} = excluded.{c}" for c in COLUMNS if c != "id")
 
 
 def entry_columns(entries: Sequence[LedgerEntry]) -> list[list[Any]]:
     """Column arrays for ``unnest``: one round trip writes any number of rows."""
     return [[getattr(e, c) for e in entries] for c in COLUMNS]
+
+
+class Writes:
+    """Many INSERT/UPDATEs as one statement (data-modifying CTEs): atomic, one round trip.
+
+    A batch of only ledger rows then needs no BEGIN/COMMIT round trips at all (the common
+    case for ``begin`` under light load), and a reservation batch writes everything after
+    its decisions in one go.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.args: list[Any] = []
+
+    def add(self, name: str, sql: Callable[[int], str], *args: Any) -> None:
+        """``sql(n)`` is the statement with its parameters numbered from ``$n``."""
+        self.parts.append(f"{name} AS ({sql(len(self.args) + 1)})")
+        self.args.extend(args)
+
+    async def run(self, conn: asyncpg.Connection) -> None:
+        if self.parts:
+            await conn.execute("WITH " + ", ".join(self.parts) + " SELECT 1", *self.args)
+
+    def reservations(self, granted: Sequence[tuple[ReserveOp, Reservation]],
+                     replica: str) -> None:
+        if granted:
+            self.add("res", lambda n: (
+                "INSERT INTO reservations (id, replica, period, scopes, amount) "
+                f"SELECT i, ${n + 1}, p, s, a FROM unnest(${n}::text[], ${n + 2}::text[], "
+                f"${n + 3}::jsonb[], ${n + 4}::int8[]) AS v(i, p, s, a)"),
+                [op.rid for op, _ in granted], replica, [op.period for op, _ in granted],
+                [orjson.dumps(r.scopes).decode() for _, r in granted],
+                [r.amount for _, r in granted])
+
+    def usage(self, rows: Mapping[UsageKey, ScopeState],
+              before: Mapping[UsageKey, tuple[int, int]]) -> None:
+        changed = [k for k, s in rows.items() if (s.spent, s.reserved) != before[k]]
+        if changed:
+            self.add("usage", lambda n: (
+                "UPDATE budget_usage u SET spent = v.spent, reserved = v.reserved, "
+                f"updated_at = now() FROM unnest(${n}::text[], ${n + 1}::text[], "
+                f"${n + 2}::text[], ${n + 3}::numeric[], ${n + 4}::numeric[]) "
+                "AS v(period, scope, id, spent, reserved) "
+                "WHERE (u.period, u.scope, u.id) = (v.period, v.scope, v.id)"),
+                [k[0] for k in changed], [k[1] for k in changed], [k[2] for k in changed],
+                [rows[k].spent for k in changed], [rows[k].reserved for k in changed])
+
+    def ledger(self, begins: Sequence[BeginOp], finals: Sequence[LedgerEntry]) -> None:
+        """Pending rows, their links to their reservations, final rows."""
+        if begins:
+            self.add("pending", lambda n: _insert_requests(n, final=False),
+                     *entry_columns([op.entry for op in begins]))
+            linked = [op for op in begins if op.rid]
+            if linked:
+                self.add("link", lambda n: (
+                    f"UPDATE reservations SET request_id = v.q FROM unnest(${n}::text[], "
+                    f"${n + 1}::text[]) AS v(r, q) WHERE reservations.id = v.r"),
+                    [op.rid for op in linked], [op.entry.id for op in linked])
+        if finals:
+            self.add("final", lambda n: _insert_requests(n, final=True),
+                     *entry_columns(finals))
 
 
 # -- operations -------------------------------------------------------------------------------
@@ -136,15 +203,9 @@ async def lock_usage(conn: asyncpg.Connection,
 async def write_usage(conn: asyncpg.Connection, rows: Mapping[UsageKey, ScopeState],
                       before: Mapping[UsageKey, tuple[int, int]]) -> None:
     """Write back the locked rows that changed."""
-    changed = [k for k, s in rows.items() if (s.spent, s.reserved) != before[k]]
-    if changed:
-        await conn.execute(
-            "UPDATE budget_usage u SET spent = v.spent, reserved = v.reserved, "
-            "updated_at = now() FROM unnest($1::text[], $2::text[], $3::text[], "
-            "$4::numeric[], $5::numeric[]) AS v(period, scope, id, spent, reserved) "
-            "WHERE (u.period, u.scope, u.id) = (v.period, v.scope, v.id)",
-            [k[0] for k in changed], [k[1] for k in changed], [k[2] for k in changed],
-            [rows[k].spent for k in changed], [rows[k].reserved for k in changed])
+    writes = Writes()
+    writes.usage(rows, before)
+    await writes.run(conn)
 
 
 async def claim_crossings(conn: asyncpg.Connection, crossings: list[Crossing],
@@ -172,11 +233,10 @@ def apply_release(rows: Mapping[UsageKey, ScopeState], period: str,
 
 
 # -- the writer -------------------------------------------------------------------------------
-_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError,
                       asyncpg.exceptions.AdminShutdownError,
                       asyncpg.exceptions.CannotConnectNowError)
-_RETRY_ERRORS = (asyncpg.exceptions.DeadlockDetectedError,
-                 asyncpg.exceptions.SerializationError, *_CONNECTION_ERRORS)
+_CONFLICTS = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
 
 @dataclass(slots=True)
@@ -256,12 +316,13 @@ class PgWriter:
             try:
                 outcome = await self._attempt(batch)
             except Exception as exc:
-                lost = self._conn is None or self._conn.is_closed()
+                lost = (self._conn is None or self._conn.is_closed()
+                        or isinstance(exc, _CONNECTION_ERRORS))
                 attempts += 1
                 # While the database is away, keep the writes (a settlement must not be lost
                 # while this process lives); a deadlock or serialization failure is retried a
                 # few times; anything else is a bad operation, isolated below.
-                if isinstance(exc, _RETRY_ERRORS) and (lost or attempts <= 5):
+                if lost or (isinstance(exc, _CONFLICTS) and attempts <= 5):
                     log.warning("ledger writer: %s; retrying", type(exc).__name__)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
@@ -298,6 +359,12 @@ class PgWriter:
         begins = [op for op in batch if isinstance(op, BeginOp)]
         finals = {op.entry.id: op.entry for op in batch if isinstance(op, UpsertOp)}
         keys = {(op.period, *s) for op in [*reserves, *releases] for s in op.scopes}
+        writes = Writes()
+        if not keys:  # only ledger rows: one self-committing statement
+            writes.ledger(begins, list(finals.values()))
+            await writes.run(conn)
+            return _Outcome(reserves, [self._decide(op, {}) for op in reserves], begins,
+                            releases, {})
         async with conn.transaction():
             rows = await lock_usage(conn, keys)
             before = {k: (s.spent, s.reserved) for k, s in rows.items()}
@@ -309,28 +376,11 @@ class PgWriter:
                     if op.rid in gone:  # else a reclaim already charged it
                         apply_release(rows, op.period, op.scopes, op.amount, op.cost)
             results = [self._decide(op, rows) for op in reserves]
-            granted = [(op, r) for op, r in zip(reserves, results, strict=True)
-                       if isinstance(r, Reservation) and r.scopes]
-            if granted:
-                await conn.execute(
-                    "INSERT INTO reservations (id, replica, period, scopes, amount) "
-                    "SELECT i, $2, p, s, a FROM unnest($1::text[], $3::text[], $4::jsonb[], "
-                    "$5::int8[]) AS v(i, p, s, a)",
-                    [op.rid for op, _ in granted], self.replica,
-                    [op.period for op, _ in granted],
-                    [orjson.dumps(r.scopes).decode() for _, r in granted],
-                    [r.amount for _, r in granted])
-            await write_usage(conn, rows, before)
-            if begins:
-                await conn.execute(INSERT_PENDING, *entry_columns([op.entry for op in begins]))
-                linked = [op for op in begins if op.rid]
-                if linked:
-                    await conn.execute(
-                        "UPDATE reservations SET request_id = v.q FROM unnest($1::text[], "
-                        "$2::text[]) AS v(r, q) WHERE reservations.id = v.r",
-                        [op.rid for op in linked], [op.entry.id for op in linked])
-            if finals:
-                await conn.execute(UPSERT, *entry_columns(list(finals.values())))
+            writes.reservations([(op, r) for op, r in zip(reserves, results, strict=True)
+                                 if isinstance(r, Reservation) and r.scopes], self.replica)
+            writes.usage(rows, before)
+            writes.ledger(begins, list(finals.values()))
+            await writes.run(conn)
             crossings: list[Crossing] = []
             if self.hook is not None and rows:
                 spent_before = {k: v[0] for k, v in before.items()}
