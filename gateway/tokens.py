@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -110,11 +111,51 @@ def encoding(name: str) -> tiktoken.Encoding:
         return enc
 
 
+class CountCache:
+    """Token counts of recently seen texts, bounded by the characters it holds (LRU).
+
+    Agents resend the same system prompt and the whole conversation on every turn, so most
+    of a chat request's text was counted before. Keys are the texts themselves (exact: no
+    hash collision can ever change an admission estimate); short texts are cheaper to count
+    than to keep. Safe to use from the event loop and from ``asyncio.to_thread`` at once.
+    """
+
+    MIN_CHARS = 64
+
+    def __init__(self, max_chars: int = 4 * 1024 * 1024):
+        self.max_chars = max_chars
+        self._counts: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def count(self, text: str, enc: tiktoken.Encoding) -> int:
+        if len(text) < self.MIN_CHARS or len(text) > self.max_chars // 4:
+            return len(enc.encode_ordinary(text))
+        key = (enc.name, text)
+        with self._lock:
+            cached = self._counts.get(key)
+            if cached is not None:
+                self._counts.move_to_end(key)
+                return cached
+        tokens = len(enc.encode_ordinary(text))  # outside the lock: the GIL is released here
+        with self._lock:
+            if key not in self._counts:
+                self._counts[key] = tokens
+                self._chars += len(text)
+                while self._chars > self.max_chars:
+                    (_, old), _n = self._counts.popitem(last=False)
+                    self._chars -= len(old)
+        return tokens
+
+
+_counts = CountCache()
+
+
 def count_text(text: str, enc: tiktoken.Encoding) -> int:
     """Tokens in ``text``; special-token lookalikes in user text count as ordinary text."""
     if not text:
         return 0
-    return len(enc.encode_ordinary(text))
+    return _counts.count(text, enc)
 
 
 def _count_content(content: Any, enc: tiktoken.Encoding) -> int:
