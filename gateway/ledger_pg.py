@@ -68,7 +68,7 @@ class PostgresLedger:
 
     def __init__(self, url: str, pool_size: int = 10, replica: str | None = None,
                  reclaim_after_s: float = 10.0, heartbeat_s: float = 1.0,
-                 op_timeout_s: float = 15.0, **_: Any):
+                 op_timeout_s: float = 5.0, **_: Any):
         self.url = url
         self.pool_size = pool_size
         self.replica = replica or replica_id()

@@ -206,3 +206,19 @@ async def test_limit_removed_and_restored_keeps_an_exact_count(replica: Replica)
     await a.set_limit(("tenant", "acme"), 5 * UNIT)
     assert (await usage(a))[("tenant", "acme")] == (2 * UNIT, 0)
     assert [s.spent for s in a.status() if s.id == "acme"] == [2 * UNIT]
+
+
+async def test_connections_lost_and_back(replica: Replica,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    a = await replica({GLOBAL: 10 * UNIT})
+    assert await request(a, 1, UNIT)
+    await a.ledger.flush()
+    async with a.ledger.pool.acquire() as conn:  # the server drops every other connection
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    assert await request(a, 2, UNIT), "the writer reconnects and carries on"
+    assert "ledger writer: InterfaceError; retrying" in caplog.text
+    assert await request(a, 3, UNIT)
+    assert (await usage(a))[GLOBAL] == (3 * UNIT, 0)
+    assert len(await a.ledger.entries(PERIOD)) == 3
