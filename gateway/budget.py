@@ -156,14 +156,18 @@ class BudgetEngine:
         async with self._book_lock:
             book = self._books.get(period)
             if book is None:
-                spend = await self._load_spend(period)
-                book = PeriodBook(period)
-                for key, limit in self.limits.items():
-                    state = ScopeState(limit, spend.get(key, 0))
-                    book.states[key] = state
-                    book.crossed.update(self._passed(key, state))
-                self._books[period] = book
+                book = self._books[period] = await self._load_book(period)
                 self._drop_old_books(period)
+        return book
+
+    async def _load_book(self, period: str) -> PeriodBook:
+        """A new period's book with the spend the ledger already holds for it."""
+        spend = await self._load_spend(period)
+        book = PeriodBook(period)
+        for key, limit in self.limits.items():
+            state = ScopeState(limit, spend.get(key, 0))
+            book.states[key] = state
+            book.crossed.update(self._passed(key, state))
         return book
 
     def _drop_old_books(self, current: str) -> None:

@@ -95,23 +95,15 @@ class SharedBudgetEngine(BudgetEngine):
             delta = self._unflushed.get(key, (0, 0))
             state.spent, state.reserved = spent + delta[0], reserved + delta[1]
 
-    async def book(self, period: str | None = None) -> PeriodBook:
-        """The mirror of ``period`` (default: now), loaded from the budget rows on first use."""
-        period = period or self.current_period()
-        book = self._books.get(period)
-        if book is not None:
-            return book
-        async with self._book_lock:
-            book = self._books.get(period)
-            if book is None:
-                await self._ensure(period, list(self.limits))
-                book = PeriodBook(period)
-                for key, limit in self.limits.items():
-                    book.states[key] = ScopeState(limit)
-                self._books[period] = book
-                for key, (spent, reserved) in (await self._rows(period)).items():
-                    self._mirror((period, *key), spent, reserved)
-                self._drop_old_books(period)
+    async def _load_book(self, period: str) -> PeriodBook:
+        """The mirror of a new period, loaded from the shared budget rows."""
+        await self._ensure(period, list(self.limits))
+        book = PeriodBook(period)
+        for key, limit in self.limits.items():
+            book.states[key] = ScopeState(limit)
+        self._books[period] = book  # _mirror finds the book through _books
+        for key, (spent, reserved) in (await self._rows(period)).items():
+            self._mirror((period, *key), spent, reserved)
         return book
 
     async def refresh(self) -> None:
