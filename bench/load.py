@@ -133,6 +133,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "requests": len(lat),
+        "requests_with_warmup": samples.done,
         "seconds": round(window, 3),
         "rps": round(len(lat) / window, 1) if window > 0 else 0.0,
         "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),

@@ -98,9 +98,9 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
 
 
 def start(name: str, cmd: list[str], ready_path: str, port: int, cpu: int | None,
-          workdir: Path, env: dict[str, str] | None = None) -> Server:
+          workdir: Path, env: dict[str, str] | None = None, source: Path = ROOT) -> Server:
     log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the child
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=source, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, preexec_fn=_pinned(cpu))
     server = Server(name, proc, f"http://127.0.0.1:{port}")
     wait_ready(server.url + ready_path, proc)
@@ -147,13 +147,16 @@ def costwall_config(directory: Path, upstream: Server, port: int) -> Path:
     return path
 
 
-def start_costwall(upstream: Server, cpu: int | None, workdir: Path, tag: str = "") -> Server:
+def start_costwall(upstream: Server, cpu: int | None, workdir: Path, tag: str = "",
+                   source: Path = ROOT) -> Server:
+    """``costwall serve``; ``source`` is the checkout it runs from (``bench/ab.py``)."""
     port = free_port()
     directory = workdir / f"costwall{tag}"
     directory.mkdir()
     config = costwall_config(directory, upstream, port)
     return start(f"costwall{tag}", [PY, "-m", "gateway.cli", "serve", "--config", str(config)],
-                 "/healthz", port, cpu, workdir, env={"COSTWALL_BENCH_KEY": UPSTREAM_KEY})
+                 "/healthz", port, cpu, workdir, env={"COSTWALL_BENCH_KEY": UPSTREAM_KEY},
+                 source=source)
 
 
 def set_delay(upstream: Server, seconds: float) -> None:
@@ -270,7 +273,7 @@ def print_row(scenario: str, target: str, r: dict[str, Any]) -> None:
     foreign = max(x["foreign_cpu_cores"] for x in r["rounds"])
     print(f"{scenario:<24} {target:<9}{_fmt(r['rps'], 9, 0)}{_fmt(r['p50_ms'], 9)}"
           f"{_fmt(r['p90_ms'], 9)}{_fmt(r['p99_ms'], 9)}{_fmt(r['ttfb_p50_ms'], 9)}"
-          f"{_fmt(foreign, 9)}", flush=True)
+          f"{_fmt(foreign, 9)}{_fmt(r.get('cpu_us_per_request'), 9)}", flush=True)
 
 
 def print_compare(cmp: dict[str, Any]) -> None:
@@ -284,13 +287,18 @@ def measure(server: Server, pids: list[int], rounds: int, **load: Any) -> dict[s
     """Best of ``rounds`` runs (lowest p90): outside load only ever makes a run slower."""
     runs = []
     for _ in range(rounds):
+        before = _proc_ticks(server.proc.pid)
         with ForeignCpu(pids) as cpu:
             result = run_load(server.url, **load)
+        used = (_proc_ticks(server.proc.pid) - before) / cpu.hz
         result["foreign_cpu_cores"] = cpu.cores
+        # CPU the server spent per request: unlike req/s, barely moved by other processes.
+        result["cpu_us_per_request"] = round(used / max(result["requests_with_warmup"], 1) * 1e6)
         runs.append(result)
     best = min(runs, key=lambda r: r["p90_ms"])
     best["rounds"] = [{k: r[k] for k in ("rps", "p50_ms", "p90_ms", "p99_ms",
-                                          "foreign_cpu_cores")} for r in runs]
+                                          "foreign_cpu_cores", "cpu_us_per_request")}
+                      for r in runs]
     return best
 
 
@@ -299,13 +307,14 @@ def best_of(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
         return new
     best = dict(min((old, new), key=lambda r: r["p90_ms"]))
     best["rounds"] = old["rounds"] + new["rounds"]
+    best["cpu_us_per_request"] = min(r["cpu_us_per_request"] for r in best["rounds"])
     return best
 
 
 def matrix(servers: dict[str, Server], upstream: Server, load_cpu: int | None, duration: float,
            warmup: float, rounds: int) -> list[dict[str, Any]]:
     print(f"{'scenario':<24} {'target':<9}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-          f"{'ttfb50':>9}{'foreign':>9}")
+          f"{'ttfb50':>9}{'foreign':>9}{'cpu us':>9}")
     scenarios = []
     for delay_ms in DELAYS_MS:
         set_delay(upstream, delay_ms / 1000)
