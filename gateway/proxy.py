@@ -187,8 +187,9 @@ async def admit(gw: Gateway, request: web.Request, endpoint: str) -> Call:
         call.body = orjson.dumps(payload)
     if stream and endpoint in ("chat", "completions"):
         options = payload.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            payload["stream_options"] = {**(options or {}), "include_usage": True}
+        options = options if isinstance(options, dict) else {}
+        if options.get("include_usage") is not True:
+            payload["stream_options"] = {**options, "include_usage": True}
             call.strip_usage = True
             call.body = orjson.dumps(payload)
     return call

@@ -201,6 +201,10 @@ def error_of(resp: Any) -> dict[str, Any]:
                  "max_tokens": "lots"}).encode(), 400, "max_tokens"),
     (json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
                 ).encode(), 400, "model"),
+    (json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}],
+                 "n": 0}).encode(), 400, "n"),
+    (json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}],
+                 "max_completion_tokens": True}).encode(), 400, "max_completion_tokens"),
     (json.dumps({"model": "text-embedding-3-small", "messages": [{"role": "user",
                                                                    "content": "x"}]}).encode(),
      400, "model"),
@@ -289,3 +293,13 @@ def test_ledger_failure_refuses_with_503_and_forwards_nothing(stack: Stack) -> N
     assert info.value.response.json()["error"]["code"] == "ledger_unavailable"
     assert stack.state.requests == []
     assert all(s.reserved == 0 for s in stack.gw.budgets.status())
+
+
+def test_odd_but_valid_fields_never_500(stack: Stack) -> None:
+    auth = {"Authorization": f"Bearer {KEYS['acme-content']['key']}"}
+    for extra in ({"stream": True, "stream_options": "yes"}, {"stream": "true"},
+                  {"service_tier": 7}, {"tools": "none"}, {"messages": [{"content": None}]}):
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 3, **extra}
+        resp = stack.request("POST", "/v1/chat/completions", json=body, headers=auth)
+        assert resp.status < 500, (extra, resp.body)
