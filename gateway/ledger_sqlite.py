@@ -5,9 +5,19 @@ task fed by a queue; every write waiting when a batch starts shares its single c
 busy gateway pays one commit (and, with ``synchronous=FULL``, one fsync) per batch rather than
 per request. The write connection lives in one dedicated thread and a whole batch (BEGIN,
 one ``executemany`` per statement, COMMIT) runs there as a single call: one hop between the
-event loop and the thread per batch instead of one per statement, each of which waits for a
-busy loop to come round (that wait, not SQLite, was most of a request's added latency).
-Reads use a second connection (aiosqlite), which WAL lets run beside the writer.
+event loop and the thread per batch. Reads use a second connection (aiosqlite), which WAL
+lets run beside the writer.
+
+With ``synchronous=NORMAL`` (the default) the request path's writes skip the thread: a WAL
+commit without fsync costs tens of microseconds, less than a round trip to a thread that has
+to wait for a busy event loop to come round (measured: that wait was most of costwall's added
+latency). Every ``begin`` queued during one pass of the loop shares one commit, run right
+after that pass; settlements ride along with the next one (or commit after
+``SETTLE_DELAY_S``). That connection never waits for a lock (``busy_timeout=0``) and never
+checkpoints (an fsync): a lock held elsewhere sends the batch to the writer thread instead,
+and the thread runs a passive checkpoint every ``CHECKPOINT_EVERY`` commits. Durability is
+the same either way: ``begin`` returns once its row is committed. With ``synchronous=FULL``
+every commit fsyncs, so everything goes through the thread.
 """
 
 from __future__ import annotations
@@ -68,6 +78,9 @@ _UPSERT = (
     + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "id")
 )
 _BATCH = 512
+SETTLE_DELAY_S = 0.005  # how long a settlement waits for a begin's commit to share
+CHECKPOINT_EVERY = 256  # inline commits between passive checkpoints (in the writer thread)
+Write = tuple[str, tuple[Any, ...], "asyncio.Future[None] | None"]
 
 
 def _ts(value: datetime) -> str:
@@ -123,17 +136,17 @@ class _WriteConnection:
         await self._run(self._transaction, batch)
 
     def _transaction(self, batch: Batch) -> None:
-        conn = self._conn
-        if conn is None:
+        if self._conn is None:
             raise sqlite3.ProgrammingError("the ledger's write connection is closed")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, rows in batch:
-                conn.executemany(sql, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        _transaction(self._conn, batch)
+
+    async def checkpoint(self) -> None:
+        """A passive WAL checkpoint (it never blocks writers; its fsync happens here)."""
+        await self._run(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        if self._conn is not None:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def migrate(self, migrations: list[str]) -> None:
         await self._run(self._migrate, migrations)
@@ -167,6 +180,27 @@ class _WriteConnection:
             self._conn = None
 
 
+def _transaction(conn: sqlite3.Connection, batch: Batch) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, rows in batch:
+            conn.executemany(sql, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _grouped(batch: list[Write]) -> Batch:
+    # Pending inserts first (INSERT OR IGNORE), then the rest in queue order: a settle
+    # upsert never runs before its own pending insert, and either order yields the same row.
+    groups: dict[str, list[tuple[Any, ...]]] = {_INSERT_PENDING: []}
+    for sql, params, _ in batch:
+        groups.setdefault(sql, []).append(params)
+    return [(sql, rows) for sql, rows in groups.items() if rows]
+
+
 def _entry(row: aiosqlite.Row) -> LedgerEntry:
     data = dict(row)
     data["ts"] = _parse_ts(data["ts"])
@@ -188,6 +222,13 @@ class SqliteLedger:
         self._queue: asyncio.Queue[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
+        # The inline path (synchronous=NORMAL only): see the module docstring.
+        self._inline: sqlite3.Connection | None = None
+        self._inline_batch: list[Write] = []
+        self._inline_handle: asyncio.Handle | None = None
+        self._inline_urgent = False
+        self._inline_commits = 0
+        self._checkpoint_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +239,13 @@ class SqliteLedger:
         self._reader = await self._connect()
         self._idle.set()
         self._task = asyncio.create_task(self._write_loop(), name="costwall-ledger-writer")
+        if self.synchronous == "NORMAL":
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=0")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._inline = conn
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -210,6 +258,11 @@ class SqliteLedger:
     async def close(self) -> None:
         if self._task is not None:
             await self.flush()
+            if self._checkpoint_task is not None:
+                await self._checkpoint_task
+            if self._inline is not None:
+                self._inline.close()
+                self._inline = None
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -251,12 +304,57 @@ class SqliteLedger:
 
     async def _commit(self, batch: list[tuple[str, tuple[Any, ...], Any]]) -> None:
         assert self._writer is not None
-        # Pending inserts first (INSERT OR IGNORE), then the rest in queue order: a settle
-        # upsert never runs before its own pending insert, and either order yields the same row.
-        groups: dict[str, list[tuple[Any, ...]]] = {_INSERT_PENDING: []}
-        for sql, params, _ in batch:
-            groups.setdefault(sql, []).append(params)
-        await self._writer.transaction([(sql, rows) for sql, rows in groups.items() if rows])
+        await self._writer.transaction(_grouped(batch))
+
+    # -- the inline path ---------------------------------------------------------------------
+    def _submit(self, item: Write) -> None:
+        """Queue a request-path write: inline when possible, else for the writer thread."""
+        if self._inline is None:
+            self._queue.put_nowait(item)
+            return
+        self._inline_batch.append(item)
+        urgent = item[2] is not None  # a begin waits for this commit
+        if self._inline_handle is not None and (self._inline_urgent or not urgent):
+            return
+        if self._inline_handle is not None:
+            self._inline_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._inline_urgent = urgent
+        self._inline_handle = (loop.call_soon(self._commit_inline) if urgent
+                               else loop.call_later(SETTLE_DELAY_S, self._commit_inline))
+
+    def _commit_inline(self) -> None:
+        self._inline_handle = None
+        batch, self._inline_batch = self._inline_batch, []
+        if not batch:
+            return
+        try:
+            assert self._inline is not None
+            _transaction(self._inline, _grouped(batch))
+        except Exception as exc:
+            # Locked by another connection, or the file is in trouble: the writer thread
+            # waits for locks, retries write by write and reports each failure to its caller.
+            log.info("inline ledger commit failed (%s); handing %d writes to the writer",
+                     type(exc).__name__, len(batch))
+            for item in batch:
+                self._queue.put_nowait(item)
+            return
+        for _sql, _params, fut in batch:
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        self._inline_commits += 1
+        if self._inline_commits >= CHECKPOINT_EVERY and self._checkpoint_task is None:
+            self._inline_commits = 0
+            self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        try:
+            if self._writer is not None:
+                await self._writer.checkpoint()
+        except Exception as exc:
+            log.warning("ledger checkpoint failed: %s", exc)
+        finally:
+            self._checkpoint_task = None
 
     async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -264,6 +362,10 @@ class SqliteLedger:
         await fut
 
     async def flush(self) -> None:
+        if self._inline_batch:
+            if self._inline_handle is not None:
+                self._inline_handle.cancel()
+            self._commit_inline()
         while not self._queue.empty() or not self._idle.is_set():
             await self._idle.wait()
             await asyncio.sleep(0)
@@ -271,11 +373,13 @@ class SqliteLedger:
     # -- the request path --------------------------------------------------------------------
     async def begin(self, entry: LedgerEntry) -> None:
         entry.replica = self.replica
-        await self._write(_INSERT_PENDING, _row(entry))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submit((_INSERT_PENDING, _row(entry), fut))
+        await fut
 
     def settle(self, entry: LedgerEntry) -> None:
         entry.replica = self.replica
-        self._queue.put_nowait((_UPSERT, _row(entry), None))
+        self._submit((_UPSERT, _row(entry), None))
 
     async def recover(self) -> int:
         rows = await self._fetch("SELECT COUNT(*) FROM requests WHERE state = 'pending'")
