@@ -369,6 +369,37 @@ def soak(upstream: Server, requests: int, proxy_cpu: int | None, load_cpu: int |
     }
 
 
+def profile(server: Server, seconds: float, load_cpu: int | None, out: Path) -> list[str]:
+    """Sample ``server`` with py-spy under non-streaming c=64 load; top functions by share.
+
+    Writes py-spy's collapsed stacks (``--format raw``, one line per stack, feed them to any
+    flame-graph tool) next to the JSON, and returns the functions that take the most samples
+    (inclusive, all threads).
+    """
+    spy = Path(PY).with_name("py-spy")
+    if not spy.exists():
+        return ["py-spy is not installed in the venv (.venv/bin/pip install py-spy)"]
+    run_load(server.url, concurrency=64, stream=False, cpu=load_cpu, duration=1, warmup=0.5)
+    recorder = subprocess.Popen([str(spy), "record", "--pid", str(server.proc.pid), "--rate",
+                                 "250", "--duration", str(int(seconds)), "--format", "raw",
+                                 "--nonblocking", "--output", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    run_load(server.url, concurrency=64, stream=False, cpu=load_cpu, duration=seconds,
+             warmup=0)
+    recorder.wait()
+    shares: dict[str, int] = {}
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        for frame in {f.split(" (")[0] + " (" + f.split("/")[-1].split(":")[0]
+                      for f in stack.split(";") if "(" in f}:
+            shares[frame] = shares.get(frame, 0) + int(count)
+    top = sorted(shares.items(), key=lambda kv: -kv[1])[:40]
+    return [f"{100 * n / max(total, 1):5.1f}%  {name})" for name, n in top]
+
+
 def tokens_micro() -> dict[str, Any]:
     out = subprocess.run([PY, str(BENCH / "tokens_bench.py"), "--json"], cwd=ROOT, check=True,
                          capture_output=True, text=True)
@@ -421,6 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soak", type=int, nargs="?", const=100_000, default=None,
                    help="also run an N-request soak through costwall (default N 100000)")
     p.add_argument("--no-matrix", action="store_true", help="skip the scenario matrix")
+    p.add_argument("--profile", type=float, nargs="?", const=10.0, default=None,
+                   help="py-spy costwall for N seconds (default 10) under c=64 load")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -488,6 +521,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"end {soak_result['rss_end_mb']} MiB, second-half growth "
                       f"{soak_result['growth_second_half_pct']}%")
             report["soak"] = soak_result
+            if args.profile:
+                stacks = args.out.with_name("profile.txt")
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                report["profile"] = profile(servers["costwall"], args.profile, load_cpu, stacks)
+                print(f"\nprofile of costwall (non-streaming, c=64, delay 0; {stacks.name}):")
+                print("\n".join(report["profile"][:30]))
     tokens = tokens_micro()
     report["tokens"] = tokens
     print(f"\ntoken counting: {tokens['prompt_tokens']}-token prompt in {tokens['count_ms']} ms; "
