@@ -47,8 +47,31 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Upstream response headers to relay to the client (Retry-After and the rest included)."""
+def client_response_headers(
+    headers: Iterable[tuple[str, str]], upstream_key: str | None = None
+) -> list[tuple[str, str]]:
+    """Upstream response headers to relay to the client (Retry-After and the rest included).
+
+    An upstream that echoes the gateway's key in a header gets it redacted (``redact_key``).
+    """
     pairs = list(headers)
     drop = _RESPONSE_DROP | _named_by_connection(pairs)
-    return [(name, value) for name, value in pairs if name.lower() not in drop]
+    out = [(name, value) for name, value in pairs if name.lower() not in drop]
+    if upstream_key:
+        out = [(name, value.replace(upstream_key, REDACTED)) for name, value in out]
+    return out
+
+
+REDACTED = "[redacted]"
+
+
+def redact_key(body: bytes, upstream_key: str | None) -> bytes:
+    """``body`` with every copy of the upstream key replaced: agents never see that key.
+
+    Some OpenAI-compatible upstreams echo the presented key in their error messages; the
+    gateway relays errors unchanged otherwise, so this is the one place the key is scrubbed.
+    """
+    if not upstream_key or not body:
+        return body
+    needle = upstream_key.encode()
+    return body.replace(needle, REDACTED.encode()) if needle in body else body

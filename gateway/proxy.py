@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from gateway.errors import (
     BudgetExceeded,
     Forbidden,
     GatewayError,
+    NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
     UnknownModel,
@@ -35,7 +37,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.estimate import Estimate, counted_output, estimate
-from gateway.headers import client_response_headers, upstream_request_headers
+from gateway.headers import client_response_headers, redact_key, upstream_request_headers
 from gateway.ledger import LedgerEntry
 from gateway.money import format_usd
 from gateway.pricing import ModelPrice, Usage
@@ -54,6 +56,9 @@ ENDPOINTS = {
 REQUEST_ID_KEY = web.RequestKey("costwall_request_id", str)
 OFFLOAD_BYTES = 64 * 1024  # count large prompts in a thread so the event loop keeps serving
 _HEADER_VALUE_MAX = 128
+# A model id as OpenAI spells them (``gpt-4o``, ``ft:gpt-4o-mini:org::abc123``): no "/" or
+# "..", so the pass-through cannot reach other upstream paths with the gateway's key.
+_MODELS_PATH = re.compile(r"models(/[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255})?")
 
 
 @dataclass(slots=True)
@@ -137,6 +142,9 @@ def requested_override(request: web.Request, key: VirtualKey) -> str | None:
         raise Forbidden(f"Key '{key.name}' is not allowed to override budgets "
                         "(X-Costwall-Override needs a key with can_override: true).")
     reason = request.headers["X-Costwall-Override"].strip()
+    if not reason.isprintable():  # control characters or bytes that are not UTF-8
+        raise BadRequest("X-Costwall-Override must be printable UTF-8 text.",
+                         param="X-Costwall-Override")
     if not reason:
         raise BadRequest("X-Costwall-Override needs a reason, e.g. "
                          "'X-Costwall-Override: incident 4711'.", param="X-Costwall-Override")
@@ -248,8 +256,9 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
         elif upstream.status < 400:
             call.usage = counted_usage(call, _json_or_none(body))
         settle(gw, call)
-        response = web.Response(status=upstream.status, body=body)
-        for name, value in client_response_headers(upstream.headers.items()):
+        key = gw.settings.upstream_key
+        response = web.Response(status=upstream.status, body=redact_key(body, key))
+        for name, value in client_response_headers(upstream.headers.items(), key):
             response.headers.add(name, value)
         for name, value in _our_headers(gw, call):
             response.headers.add(name, value)
@@ -284,7 +293,8 @@ async def relay_stream(
 ) -> web.StreamResponse:
     """Relay SSE chunk by chunk as it arrives; charge what was produced however it ends."""
     response = web.StreamResponse(status=upstream.status)
-    for name, value in client_response_headers(upstream.headers.items()):
+    for name, value in client_response_headers(upstream.headers.items(),
+                                               gw.settings.upstream_key):
         response.headers.add(name, value)
     for name, value in _our_headers(gw, call):
         response.headers.add(name, value)
@@ -401,14 +411,18 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
     """GET /v1/models[/id]: authenticated pass-through, costs nothing."""
     gw = request.app[GATEWAY]
     gw.keys.authenticate(request.headers.get("Authorization"))
-    url = f"{gw.settings.upstream_url}/{request.match_info['tail']}"
+    tail = request.match_info["tail"]
+    if not _MODELS_PATH.fullmatch(tail):  # no "..": only /models[/id] upstream, never beyond
+        raise NotFound(f"Unknown endpoint GET /v1/{tail[:100]}.")
+    url = f"{gw.settings.upstream_url}/{tail}"
     headers = upstream_request_headers(request.headers.items(), gw.settings.upstream_key)
     try:
         async with gw.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(
                 total=gw.settings.upstream_timeout_s)) as upstream:
-            body = await upstream.read()
-            response = web.Response(status=upstream.status, body=body)
-            for name, value in client_response_headers(upstream.headers.items()):
+            key = gw.settings.upstream_key
+            response = web.Response(status=upstream.status,
+                                    body=redact_key(await upstream.read(), key))
+            for name, value in client_response_headers(upstream.headers.items(), key):
                 response.headers.add(name, value)
     except TimeoutError:
         raise UpstreamTimeout("The upstream API did not answer in time.") from None
