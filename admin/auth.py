@@ -152,7 +152,10 @@ class AdminAuth:
 
     def role_for(self, token: str) -> str | None:
         """The role a token grants; every configured token is compared, in constant time."""
-        presented = token.encode()
+        try:
+            presented = token.encode()
+        except UnicodeEncodeError:  # a header with bytes that are not UTF-8: no token
+            return None
         role = None
         for name, expected in self._tokens:
             if hmac.compare_digest(presented, expected):

@@ -102,6 +102,8 @@ def reason(value: Any, required: bool) -> str:
     if not isinstance(value, str):
         raise BadInput("reason must be a string.", param="reason")
     text = " ".join(value.split())
+    if not text.isprintable():  # control or format characters, lone surrogates
+        raise BadInput("reason must be printable text.", param="reason")
     if required and not text:
         raise BadInput("A reason is required: say why (it goes into the audit trail).",
                        param="reason")

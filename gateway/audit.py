@@ -41,6 +41,14 @@ def md_cell(value: Any) -> str:
     return text[:300]
 
 
+def _text(value: Any) -> Any:
+    """Strings as valid UTF-8: a lone surrogate (from bytes that were not UTF-8) becomes
+    ``?`` instead of failing the JSON encoder, so recording an event never fails a request."""
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
 def _line_hash(line: bytes) -> str:
     return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
@@ -98,7 +106,7 @@ class AuditTrail:
         """Append one event of ``kind`` (blocked, override, admin, warning) to both views."""
         filename, title, columns = FILES[kind]
         now = self._clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        row = {"time": now, **{c: fields.get(c) for c in columns if c != "time"}}
+        row = {"time": now, **{c: _text(fields.get(c)) for c in columns if c != "time"}}
         with self._lock:
             self.dir.mkdir(parents=True, exist_ok=True)
             if self._prev is None:

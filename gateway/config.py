@@ -28,6 +28,9 @@ DEFAULT_DATABASE = "sqlite:///data/costwall.db"
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
 SCOPES = ("global", "tenant", "agent", "campaign", "key")
 _SCOPE_SECTIONS = {"tenants": "tenant", "agents": "agent", "campaigns": "campaign", "keys": "key"}
+# SHA-256 of "sk-cw-example-content-agent", the example key of the shipped config files: a
+# warning (not an error, so the shipped config checks clean) while it is still in use.
+EXAMPLE_KEY_SHA256 = "371d09da1820b4fa634ce0e09901aa81b3b2b3a37ca329a14718b808a81c1cda"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
@@ -350,6 +353,10 @@ def load_settings(
     for key in keys:
         if key.key_sha256 == hash_key(""):
             problems.append(f"keys.{key.name}: empty key")
+        if key.key_sha256 == EXAMPLE_KEY_SHA256:
+            warnings.append(f"keys.{key.name}: uses the example secret published in "
+                            "config/costwall.yaml; anyone can present it, so replace it before "
+                            "the gateway is reachable by others")
 
     log_format = str(logging_.get("format", "text"))
     if log_format not in ("text", "json"):

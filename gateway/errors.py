@@ -118,7 +118,5 @@ class BudgetExceeded(GatewayError):
             "period": self.period,
             "limit_usd": format_usd(self.limit),
             "spent_usd": format_usd(self.spent),
-            "reserved_usd": format_usd(self.reserved),
-            "estimate_usd": format_usd(self.estimate),
-        }
+        }  # exactly SPEC's five fields; reserved and the estimate are in the message
         return body

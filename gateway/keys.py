@@ -34,7 +34,11 @@ class KeyRing:
                 "Missing API key. Send your costwall virtual key as 'Authorization: Bearer "
                 "<key>'."
             )
-        key = self._by_hash.get(hash_key(authorization[7:].strip()))
+        try:
+            digest = hash_key(authorization[7:].strip())
+        except UnicodeEncodeError:  # bytes that are not UTF-8 cannot be a key
+            digest = ""
+        key = self._by_hash.get(digest)
         if key is None:
             raise Unauthorized("Incorrect API key provided: not a known costwall virtual key.")
         return key
