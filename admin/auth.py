@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.web_request import FileField
+from multidict import MultiDictProxy
 
-from admin.errors import AdminClosed, NotAuthenticated, RateLimited, ReadOnly, TooLarge
+from admin.errors import AdminClosed, BadInput, NotAuthenticated, RateLimited, ReadOnly, TooLarge
 from gateway.config import Settings
 
 log = logging.getLogger("costwall.admin")
@@ -218,11 +220,20 @@ async def authenticate(request: web.Request) -> Principal:
     return Principal(session.role, "ui", ip, session)
 
 
-async def check_csrf(request: web.Request, session: Session) -> None:
-    """A state-changing form must carry this session's CSRF token."""
+async def read_form(request: web.Request) -> MultiDictProxy[str | FileField]:
+    """The posted form (at most ``MAX_FORM_BYTES``); a body that is no form is a 400."""
     if (request.content_length or 0) > MAX_FORM_BYTES:
         raise TooLarge("Form too large.")
-    form = await request.post()
+    try:
+        return await request.post()
+    except ValueError:  # e.g. multipart without a boundary, or bytes that are not UTF-8
+        raise BadInput("The form could not be read; send it as "
+                       "application/x-www-form-urlencoded.") from None
+
+
+async def check_csrf(request: web.Request, session: Session) -> None:
+    """A state-changing form must carry this session's CSRF token."""
+    form = await read_form(request)
     token = form.get("csrf")
     if not isinstance(token, str) or not hmac.compare_digest(token.encode(),
                                                              session.csrf.encode()):

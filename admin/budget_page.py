@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from admin import ops, validate
-from admin.auth import principal, requires
+from admin.auth import principal, read_form, requires
 from admin.errors import BadInput
 from admin.render import flash, render
 from gateway.config import SCOPES
@@ -46,7 +46,7 @@ def _text(form: Any, name: str) -> str:
 @requires("write")
 async def toggle_override(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    form = await request.post()
+    form = await read_form(request)
     action = _text(form, "enabled")
     try:
         if action not in ("on", "off"):
@@ -68,7 +68,7 @@ async def toggle_override(request: web.Request) -> web.Response:
 @requires("write")
 async def save_cap(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    form = await request.post()
+    form = await read_form(request)
     values = {k: _text(form, k)[:200] for k in ("scope", "id", "monthly_usd", "reason")}
     try:
         key = ops.cap_key(values["scope"], values["id"])
@@ -85,7 +85,7 @@ async def save_cap(request: web.Request) -> web.Response:
 @requires("write")
 async def remove_cap(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    form = await request.post()
+    form = await read_form(request)
     try:
         key = ops.cap_key(_text(form, "scope"), _text(form, "id"))
         await ops.remove_cap(gw, key, principal(request).actor)

@@ -16,7 +16,7 @@ from types import ModuleType
 from aiohttp import web
 
 from admin import validate
-from admin.auth import Handler, requires
+from admin.auth import Handler, read_form, requires
 from admin.errors import BadInput, Missing, NotInstalled
 from admin.render import flash, render
 from gateway.errors import GatewayError
@@ -112,7 +112,7 @@ async def invoices_page(request: web.Request) -> web.Response:
 async def save_invoice(request: web.Request) -> web.Response:
     """Write a month's PDF and CSV under ``reports_dir/invoices`` (as ``costwall invoice``)."""
     gw = request.app[GATEWAY]
-    form = await request.post()
+    form = await read_form(request)
     month, tenant = form.get("month"), form.get("tenant") or None
     if not isinstance(month, str) or not validate.MONTH_RE.match(month):
         raise BadInput("month must look like YYYY-MM.")

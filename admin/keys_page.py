@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from admin import ops
-from admin.auth import principal, requires
+from admin.auth import principal, read_form, requires
 from admin.render import flash, render
 from gateway.errors import GatewayError
 from gateway.services import GATEWAY
@@ -38,7 +38,7 @@ def _text(form: Any, name: str) -> str:
 @requires("write")
 async def create_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    form = await request.post()
+    form = await read_form(request)
     values = {k: _text(form, k) for k in ("name", "tenant", "agent")}
     try:
         created, secret = await ops.create_key(
@@ -52,7 +52,7 @@ async def create_key(request: web.Request) -> web.Response:
 @requires("write")
 async def revoke_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    form = await request.post()
+    form = await read_form(request)
     name = _text(form, "name")
     try:
         await ops.revoke_key(gw, name, principal(request).actor)

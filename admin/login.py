@@ -6,7 +6,16 @@ import logging
 
 from aiohttp import web
 
-from admin.auth import AUTH, CLOSED_MESSAGE, COOKIE, SESSION_TTL_S, client_ip, principal, requires
+from admin.auth import (
+    AUTH,
+    CLOSED_MESSAGE,
+    COOKIE,
+    SESSION_TTL_S,
+    client_ip,
+    principal,
+    read_form,
+    requires,
+)
 from admin.errors import RateLimited
 from admin.render import render
 
@@ -41,7 +50,7 @@ async def login_submit(request: web.Request) -> web.Response:
     ip = client_ip(request)
     if (request.content_length or 0) > 16 * 1024:
         raise web.HTTPRequestEntityTooLarge(16 * 1024, request.content_length or 0)
-    form = await request.post()
+    form = await read_form(request)
     target = safe_next(form.get("next") if isinstance(form.get("next"), str) else None)
     try:
         auth.check_attempt(ip)
