@@ -60,6 +60,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configured_pricing(config: str | None) -> Path:
+    """The price table a config names, read even when the config has other problems, so
+    ``check`` validates that table and not the default one."""
+    import os
+
+    from gateway.config import DEFAULT_CONFIG, load_yaml
+
+    try:
+        raw = load_yaml(Path(config or os.environ.get("COSTWALL_CONFIG", DEFAULT_CONFIG)))
+    except Exception:  # unreadable or not YAML: that problem is listed already
+        raw = None
+    pricing = raw.get("pricing") if isinstance(raw, dict) else None
+    return Path(str(pricing)) if pricing else Path("config/pricing.yaml")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway.audit import verify_chain
     from gateway.pricing import load_price_table
@@ -72,7 +87,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         settings, warnings = load_settings(args.config)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    pricing_path = settings.pricing_path if settings else Path("config/pricing.yaml")
+    pricing_path = settings.pricing_path if settings else _configured_pricing(args.config)
     prices, price_problems = load_price_table(pricing_path)
     problems.extend(price_problems)
     if settings is not None and settings.unknown_model != "reject" and \

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import random
 import secrets
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -126,10 +127,16 @@ Point an agent at it:
                                             random.Random(rng.random())))
         for name, _, _, models, campaigns in AGENTS
     ] if agents else []
+    stop = asyncio.Event()  # Ctrl-C or SIGTERM: stop cleanly (ledger flushed, no traceback)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         for task in tasks:
             task.cancel()
         await runner.cleanup()
         await upstream_runner.cleanup()
+    print("costwall demo stopped", flush=True)
