@@ -303,7 +303,10 @@ def load_settings(
     port = _int(env.get("COSTWALL_PORT", server.get("port", 8080)), "server.port", problems, 0,
                 65535)
     upstream_url = str(env.get("COSTWALL_UPSTREAM_URL", upstream.get("base_url", DEFAULT_UPSTREAM)))
-    if not re.match(r"^https?://[^/\s]+", upstream_url):
+    if re.match(r"^https?://[^/]*@", upstream_url):  # checked first: never echo a password
+        problems.append("upstream.base_url: credentials in the URL are not supported (the "
+                        "gateway sends its own Authorization); use upstream.api_key_env")
+    elif not re.match(r"^https?://[^/\s]+", upstream_url):
         problems.append(f"upstream.base_url: expected an http(s) URL, got {upstream_url!r}")
     key_env = str(upstream.get("api_key_env", "OPENAI_API_KEY"))
     upstream_key = env.get(key_env) or None

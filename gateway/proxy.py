@@ -56,6 +56,7 @@ ENDPOINTS = {
 REQUEST_ID_KEY = web.RequestKey("costwall_request_id", str)
 OFFLOAD_BYTES = 64 * 1024  # count large prompts in a thread so the event loop keeps serving
 _HEADER_VALUE_MAX = 128
+_MODEL_MAX = 256
 # A model id as OpenAI spells them (``gpt-4o``, ``ft:gpt-4o-mini:org::abc123``): no "/" or
 # "..", so the pass-through cannot reach other upstream paths with the gateway's key.
 _MODELS_PATH = re.compile(r"models(/[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255})?")
@@ -124,6 +125,9 @@ def resolve_model(gw: Gateway, payload: dict[str, Any]) -> tuple[str, ModelPrice
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("You must provide a model parameter.", param="model")
+    if len(model) > _MODEL_MAX:  # it is stored per request and cached by the price lookup
+        raise BadRequest(f"The model name is longer than {_MODEL_MAX} characters.",
+                         param="model")
     price = gw.prices.lookup(model)
     if price is None and gw.settings.unknown_model != "reject":
         price = gw.prices.lookup(gw.settings.unknown_model)

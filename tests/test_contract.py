@@ -176,9 +176,17 @@ def test_check_lists_every_problem_and_missing_secrets_only_warn(tmp_path: Path)
                          cwd=ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     errors = [line for line in out.stdout.splitlines() if line.startswith("error:")]
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    for fragment in ("server.port", "budgets.timezone", "budgets.warn_at[0]"):
+    for fragment in ("server.port", "budgets.timezone", "budgets.warn_at[0]",
+                     "missing-prices.yaml"):  # the configured table, not the default one
         assert any(fragment in e for e in errors), (fragment, errors)
     assert f"{len(errors)} problem(s) found" in out.stdout
+    # credentials in the upstream URL would clash with the gateway's own Authorization header
+    creds = tmp_path / "creds.yaml"
+    creds.write_text("upstream: {base_url: 'https://user:hunter2@proxy.example/v1'}\n")
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "check", "--config", str(creds)],
+                         cwd=ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 1 and "credentials in the URL" in out.stdout
+    assert "hunter2" not in out.stdout + out.stderr
 
 
 # -- the proxy's answers ----------------------------------------------------------------------
@@ -348,6 +356,47 @@ def test_header_values_cannot_inject_lines_and_are_bounded(stack: Stack) -> None
     assert chat(stack, **{"X-Costwall-Campaign": "spring|<b>x</b>"}).http_response.status_code \
         == 200
     assert stack.rows()[-1].campaign == "spring|<b>x</b>"
+
+
+def test_model_names_are_bounded(stack: Stack) -> None:
+    """A model name is stored per request and cached by the price lookup: 256 characters."""
+    auth = {"Authorization": f"Bearer {KEYS['acme-content']['key']}"}
+    long = stack.request("POST", "/v1/chat/completions", headers=auth, json={
+        "model": "gpt-4o-mini-" + "x" * 245, "messages": MSG, "max_tokens": 3})
+    assert long.status == 400 and long.json()["error"]["param"] == "model"
+    assert stack.state.total_requests == 0
+    dated = stack.request("POST", "/v1/chat/completions", headers=auth, json={
+        "model": "gpt-4o-mini-2024-07-18", "messages": MSG, "max_tokens": 3})
+    assert dated.status == 200 and stack.rows()[-1].model == "gpt-4o-mini-2024-07-18"
+
+
+def test_metric_families_carry_exactly_the_contract_labels(stack: Stack) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stack.gw.settings.budgets.limits  # noqa: B018  (the harness config has no caps)
+    stack.lt.run(stack.gw.budgets.set_limit(("tenant", "acme"), to_pico("5")))
+    chat(stack, **{"X-Costwall-Campaign": "free-form-campaign-42"})
+    stack.request("POST", "/v1/chat/completions", json={"model": "gpt-4o-mini"})  # rejected
+    text = stack.request("GET", "/metrics").body.decode()
+    labels: dict[str, set[frozenset[str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            names = frozenset(sample.labels) - {"le"}
+            labels.setdefault(sample.name, set()).add(names)
+    expected = {
+        "costwall_requests_total": {"outcome", "model"},
+        "costwall_spend_usd_total": {"tenant", "agent", "model"},
+        "costwall_tokens_total": {"model", "kind"},
+        "costwall_budget_limit_usd": {"scope", "id"},
+        "costwall_budget_spent_usd": {"scope", "id"},
+        "costwall_budget_utilization_ratio": {"scope", "id"},
+        "costwall_request_duration_seconds_bucket": {"endpoint"},
+        "costwall_upstream_duration_seconds_bucket": {"endpoint"},
+    }
+    for name, names in expected.items():
+        assert labels.get(name) == {frozenset(names)}, (name, labels.get(name))
+    assert 'outcome="rejected"' in text and 'outcome="allowed"' in text
+    assert "free-form-campaign-42" not in text and MSG[0]["content"] not in text
 
 
 # -- audit files, ledger exports ----------------------------------------------------------------
