@@ -6,18 +6,20 @@ busy gateway pays one commit (and, with ``synchronous=FULL``, one fsync) per bat
 per request. The write connection lives in one dedicated thread and a whole batch (BEGIN,
 one ``executemany`` per statement, COMMIT) runs there as a single call: one hop between the
 event loop and the thread per batch. Reads use a second connection (aiosqlite), which WAL
-lets run beside the writer.
+lets run beside the writer. The thread checkpoints the WAL (RESTART) every
+``CHECKPOINT_EVERY`` commits, so the WAL stays small under a steady stream of requests.
 
-With ``synchronous=NORMAL`` (the default) the request path's writes skip the thread: a WAL
-commit without fsync costs tens of microseconds, less than a round trip to a thread that has
-to wait for a busy event loop to come round (measured: that wait was most of costwall's added
-latency). Every ``begin`` queued during one pass of the loop shares one commit, run right
-after that pass; settlements ride along with the next one (or commit after
-``SETTLE_DELAY_S``). That connection never waits for a lock (``busy_timeout=0``) and never
-checkpoints (an fsync): a lock held elsewhere sends the batch to the writer thread instead,
-and the thread checkpoints (RESTART) every ``CHECKPOINT_EVERY`` commits. Durability is
-the same either way: ``begin`` returns once its row is committed. With ``synchronous=FULL``
-every commit fsyncs, so everything goes through the thread.
+With ``synchronous=NORMAL`` (the default) ``begin`` does not wait for a commit: it appends
+the pending row to the journal (``gateway.journal``: one ``os.write``, which survives a
+process crash or ``kill -9``), queues the insert for the writer and returns. Waiting for the
+commit was most of costwall's added latency. ``recover`` settles the journal's rows that never
+reached the database, so a request that reached the upstream is still never lost or
+under-counted by a crash; a power loss is only covered by ``synchronous=FULL``, where every
+commit fsyncs and ``begin`` returns once its row is committed. While the writer is failing
+(or closed) or is ``_BACKLOG`` writes behind, ``begin`` skips the journal and waits for its
+commit: a broken database refuses requests instead of forwarding them, and a slow one slows
+requests down instead of growing an unbounded queue. Reads wait for the begins queued before
+them, so a read still sees every begun row.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import aiosqlite
 
 from gateway.budget import ScopeKey
+from gateway.journal import Journal
 from gateway.ledger import COLUMNS, GROUP_BY, KeyRecord, LedgerEntry, UsageRow, fold_spend
 
 log = logging.getLogger("costwall.ledger")
@@ -77,10 +80,19 @@ _UPSERT = (
     f"ON CONFLICT (id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "id")
 )
+_RECOVER_JOURNALED = (
+    f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+_RECOVER_PENDING = (
+    "UPDATE requests SET state = 'settled', cost = reserved, usage_source = 'reserved' "
+    "WHERE state = 'pending'"
+)
 _BATCH = 512
-SETTLE_DELAY_S = 0.005  # how long a settlement waits for a begin's commit to share
-CHECKPOINT_EVERY = 256  # inline commits between WAL checkpoints (in the writer thread)
-Write = tuple[str, tuple[Any, ...], "asyncio.Future[None] | None"]
+_BACKLOG = 2048  # queued writes beyond which ``begin`` waits for its commit (back-pressure)
+CHECKPOINT_EVERY = 256  # writer commits between WAL checkpoints (in the writer thread)
+# (sql, params, future of a caller waiting for the commit, journal segment of the row)
+Write = tuple[str, tuple[Any, ...], "asyncio.Future[None] | None", int | None]
 
 
 def _ts(value: datetime) -> str:
@@ -154,6 +166,28 @@ class _WriteConnection:
         if self._conn is not None:
             self._conn.execute("PRAGMA wal_checkpoint(RESTART)")
 
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._conn is None
+
+    async def recover(self, journaled: list[tuple[Any, ...]]) -> int:
+        """Store journaled rows that never reached the file, settle every pending row."""
+        return int(await self._run(self._recover, journaled))
+
+    def _recover(self, journaled: list[tuple[Any, ...]]) -> int:
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            inserted = conn.executemany(_RECOVER_JOURNALED, journaled).rowcount if journaled else 0
+            updated = conn.execute(_RECOVER_PENDING).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return max(inserted, 0) + max(updated, 0)
+
     async def migrate(self, migrations: list[str]) -> None:
         await self._run(self._migrate, migrations)
 
@@ -202,8 +236,9 @@ def _grouped(batch: list[Write]) -> Batch:
     # Pending inserts first (INSERT OR IGNORE), then the rest in queue order: a settle
     # upsert never runs before its own pending insert, and either order yields the same row.
     groups: dict[str, list[tuple[Any, ...]]] = {_INSERT_PENDING: []}
-    for sql, params, _ in batch:
-        groups.setdefault(sql, []).append(params)
+    for sql, params, _, _ in batch:
+        if sql:  # "" is a read barrier (see ``SqliteLedger._fetch``)
+            groups.setdefault(sql, []).append(params)
     return [(sql, rows) for sql, rows in groups.items() if rows]
 
 
@@ -225,16 +260,15 @@ class SqliteLedger:
         self.replica = replica
         self._writer: _WriteConnection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]
+        self._queue: asyncio.Queue[Write]
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
-        # The inline path (synchronous=NORMAL only): see the module docstring.
-        self._inline: sqlite3.Connection | None = None
-        self._inline_batch: list[Write] = []
-        self._inline_handle: asyncio.Handle | None = None
-        self._inline_urgent = False
-        self._inline_commits = 0
-        self._checkpoint_task: asyncio.Task[None] | None = None
+        # synchronous=NORMAL only: see the module docstring.
+        # Always there to recover a previous run's segments; written only with NORMAL.
+        self._journal = Journal(self.path)
+        self._journaling = synchronous == "NORMAL"
+        self._healthy = True  # the writer's last commit succeeded
+        self._commits = 0
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,13 +279,6 @@ class SqliteLedger:
         self._reader = await self._connect()
         self._idle.set()
         self._task = asyncio.create_task(self._write_loop(), name="costwall-ledger-writer")
-        if self.synchronous == "NORMAL":
-            conn = sqlite3.connect(self.path, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=0")
-            conn.execute("PRAGMA wal_autocheckpoint=0")
-            self._inline = conn
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -264,11 +291,6 @@ class SqliteLedger:
     async def close(self) -> None:
         if self._task is not None:
             await self.flush()
-            if self._checkpoint_task is not None:
-                await self._checkpoint_task
-            if self._inline is not None:
-                self._inline.close()
-                self._inline = None
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -299,107 +321,92 @@ class SqliteLedger:
                     except Exception as exc:
                         log.error("ledger write failed: %s", exc)
                         outcomes.append(exc)
-            for (_sql, _params, fut), error in zip(batch, outcomes, strict=True):
+            self._healthy = all(error is None for error in outcomes)
+            for (_sql, _params, fut, seq), error in zip(batch, outcomes, strict=True):
+                if seq is not None:
+                    if error is None:
+                        self._journal.committed(seq)
+                    else:  # the row stays in its journal segment for the next recovery
+                        self._journal.keep(seq)
+                        self._journal.committed(seq)
                 if fut is not None and not fut.done():
                     if error is None:
                         fut.set_result(None)
                     else:
                         fut.set_exception(error)
+            self._commits += 1
+            if self._commits >= CHECKPOINT_EVERY:
+                self._commits = 0
+                try:
+                    await self._writer.checkpoint()
+                except Exception as exc:
+                    log.warning("ledger checkpoint failed: %s", exc)
             if self._queue.empty():
                 self._idle.set()
 
-    async def _commit(self, batch: list[tuple[str, tuple[Any, ...], Any]]) -> None:
+    async def _commit(self, batch: list[Write]) -> None:
         assert self._writer is not None
-        await self._writer.transaction(_grouped(batch))
-
-    # -- the inline path ---------------------------------------------------------------------
-    def _submit(self, item: Write) -> None:
-        """Queue a request-path write: inline when possible, else for the writer thread."""
-        if self._inline is None:
-            self._queue.put_nowait(item)
-            return
-        self._inline_batch.append(item)
-        urgent = item[2] is not None  # a begin waits for this commit
-        if self._inline_handle is not None and (self._inline_urgent or not urgent):
-            return
-        if self._inline_handle is not None:
-            self._inline_handle.cancel()
-        loop = asyncio.get_running_loop()
-        self._inline_urgent = urgent
-        self._inline_handle = (loop.call_soon(self._commit_inline) if urgent
-                               else loop.call_later(SETTLE_DELAY_S, self._commit_inline))
-
-    def _commit_inline(self) -> None:
-        self._inline_handle = None
-        batch, self._inline_batch = self._inline_batch, []
-        if not batch:
-            return
-        try:
-            assert self._inline is not None
-            _transaction(self._inline, _grouped(batch))
-        except Exception as exc:
-            # Locked by another connection, or the file is in trouble: the writer thread
-            # waits for locks, retries write by write and reports each failure to its caller.
-            log.debug("inline ledger commit failed (%s); handing %d writes to the writer",
-                      type(exc).__name__, len(batch))
-            for item in batch:
-                self._queue.put_nowait(item)
-            return
-        for _sql, _params, fut in batch:
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-        self._inline_commits += 1
-        if self._inline_commits >= CHECKPOINT_EVERY and self._checkpoint_task is None:
-            self._inline_commits = 0
-            self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint())
-
-    async def _checkpoint(self) -> None:
-        try:
-            if self._writer is not None:
-                await self._writer.checkpoint()
-        except Exception as exc:
-            log.warning("ledger checkpoint failed: %s", exc)
-        finally:
-            self._checkpoint_task = None
+        grouped = _grouped(batch)
+        if grouped:
+            await self._writer.transaction(grouped)
 
     async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((sql, params, fut))
+        self._queue.put_nowait((sql, params, fut, None))
         await fut
 
     async def flush(self) -> None:
-        if self._inline_batch:
-            if self._inline_handle is not None:
-                self._inline_handle.cancel()
-            self._commit_inline()
         while not self._queue.empty() or not self._idle.is_set():
             await self._idle.wait()
             await asyncio.sleep(0)
+        self._journal.settle_all()
 
     # -- the request path --------------------------------------------------------------------
     async def begin(self, entry: LedgerEntry) -> None:
         entry.replica = self.replica
+        row = _row(entry)
+        writer = self._writer
+        if writer is None or writer.closed:
+            raise sqlite3.ProgrammingError("the ledger's write connection is closed")
+        if self._journaling and self._healthy and self._queue.qsize() < _BACKLOG:
+            seq = self._journal.append(row)  # durable against a crash from here on
+            self._queue.put_nowait((_INSERT_PENDING, row, None, seq))
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._submit((_INSERT_PENDING, _row(entry), fut))
+        self._queue.put_nowait((_INSERT_PENDING, row, fut, None))
         await fut
 
     def settle(self, entry: LedgerEntry) -> None:
         entry.replica = self.replica
-        self._submit((_UPSERT, _row(entry), None))
+        self._queue.put_nowait((_UPSERT, _row(entry), None, None))
 
     async def recover(self) -> int:
-        rows = await self._fetch("SELECT COUNT(*) FROM requests WHERE state = 'pending'")
-        count = int(rows[0][0])
-        if count:
-            await self._write(
-                "UPDATE requests SET state = 'settled', cost = reserved, "
-                "usage_source = 'reserved' WHERE state = 'pending'"
-            )
+        """Settle what a crash left: journaled rows missing from the file and pending rows."""
+        assert self._writer is not None
+        await self.flush()
+        segments = self._journal.leftovers()
+        journaled = []
+        for path in segments:
+            for values in Journal.read(path):
+                if len(values) != len(COLUMNS):
+                    log.warning("ledger journal %s: skipped a row of %d fields", path.name,
+                                len(values))
+                    continue
+                row = dict(zip(COLUMNS, values, strict=True))
+                row.update(state="settled", cost=row["reserved"], usage_source="reserved")
+                journaled.append(tuple(row.values()))
+        count = await self._writer.recover(journaled)
+        for path in segments:
+            path.unlink(missing_ok=True)
         return count
 
     # -- reads -------------------------------------------------------------------------------
     async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
         assert self._reader is not None
+        if self._journal.pending:
+            # Reads see every begun row (as when begin awaited its commit): wait until the
+            # writer has committed everything queued before this read.
+            await self._write("")
         return list(await self._reader.execute_fetchall(sql, params))
 
     async def ping(self) -> bool:

@@ -287,11 +287,6 @@ def test_health(stack: Stack) -> None:
 
 def test_ledger_failure_refuses_with_503_and_forwards_nothing(stack: Stack) -> None:
     stack.lt.run(stack.gw.ledger._writer.close())  # type: ignore[attr-defined]  # the db is gone
-
-    async def close_inline() -> None:  # and its request-path connection, on its own thread
-        stack.gw.ledger._inline.close()  # type: ignore[attr-defined]
-
-    stack.lt.run(close_inline())
     with pytest.raises(openai.APIStatusError) as info:
         stack.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert info.value.status_code == 503
