@@ -47,7 +47,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # 402s count as "blocked" and upstream 5xx as "upstream_error" where they happen.
         if exc.status < 500 and exc.status != 402 and request.path.startswith("/v1/"):
             gw = request.app[GATEWAY]
-            gw.metrics.requests.labels("rejected", "-").inc()
+            gw.metrics.child(gw.metrics.requests, "rejected", "-").inc()
         access_log.info("answered %d %s", exc.status, exc.code,
                         extra={"path": request.path, "status": exc.status, "code": exc.code})
         return web.Response(

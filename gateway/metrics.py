@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -24,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.budget import ScopeStatus
-from gateway.money import to_usd
+from gateway.money import PICO_PER_USD, to_usd
 from gateway.pricing import Usage
 
 if TYPE_CHECKING:
@@ -146,6 +146,17 @@ class Metrics:
                                 ["scope", "id"], registry=r)
         self.budget_view: BudgetView | None = None
         self._expose = make_aiohttp_handler(r)
+        # ``.labels()`` validates and hashes its arguments under a lock on every call (a few
+        # µs, several times per request); label sets are bounded, so their children are kept.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached per label tuple (never removed from here)."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def watch_budgets(self, view: BudgetView) -> None:
         """Export the budget gauges of ``view`` (refreshed before each scrape)."""
@@ -165,7 +176,7 @@ class Metrics:
                 cost: int) -> None:
         """Count a settled request's cost and (when known) its tokens by kind."""
         if cost > 0:
-            self.spend.labels(tenant, agent, model).inc(float(to_usd(cost)))
+            self.child(self.spend, tenant, agent, model).inc(cost / PICO_PER_USD)
         if usage is None:
             return
         cached = min(usage.cached_tokens, usage.prompt_tokens)
@@ -174,4 +185,4 @@ class Metrics:
                             ("completion", usage.completion_tokens - reasoning),
                             ("reasoning", reasoning)):
             if count > 0:
-                self.tokens.labels(model, kind).inc(count)
+                self.child(self.tokens, model, kind).inc(count)

@@ -408,7 +408,8 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     finally:
         gw.inflight -= 1
         settle(gw, call)
-        gw.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - call.started)
+        gw.metrics.child(gw.metrics.request_duration, endpoint).observe(
+            time.perf_counter() - call.started)
 
 
 async def handle_models(request: web.Request) -> web.StreamResponse:

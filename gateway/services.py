@@ -90,7 +90,7 @@ class Gateway:
 
     # -- what happened to a request -----------------------------------------------------------
     def record_blocked(self, call: Call, exc: BudgetExceeded) -> None:
-        self.metrics.requests.labels("blocked", call.price.name).inc()
+        self.metrics.child(self.metrics.requests, "blocked", call.price.name).inc()
         self.audit.record("blocked", self._execution(call, exc.scope, exc.scope_id, exc.limit,
                                                      exc.spent, exc.estimate, exc.message))
 
@@ -102,11 +102,11 @@ class Gateway:
             outcome = "override"
         else:
             outcome = "allowed"
-        self.metrics.requests.labels(outcome, model).inc()
+        metrics = self.metrics
+        metrics.child(metrics.requests, outcome, model).inc()
         # Also when usage is unknown (charged at the reserved bound): the counter follows the
         # ledger's cost.
-        self.metrics.charged(call.key.tenant, self.agent_label(call.agent), model, call.usage,
-                             cost)
+        metrics.charged(call.key.tenant, self.agent_label(call.agent), model, call.usage, cost)
         # One line per forwarded request: facts only, never bodies or keys (gateway.logs).
         access_log.info("settled", extra={
             "outcome": outcome, "endpoint": call.endpoint, "model": call.model[:100],
@@ -115,7 +115,8 @@ class Gateway:
             "cost_usd": format_usd(cost), "usage_source": call.usage_source,
             "ms": int((time.perf_counter() - call.started) * 1000)})
         if call.upstream_seconds:
-            self.metrics.upstream_duration.labels(call.endpoint).observe(call.upstream_seconds)
+            metrics.child(metrics.upstream_duration, call.endpoint).observe(
+                call.upstream_seconds)
         if call.override_reason is not None:
             b = call.blocked_by
             self.audit.record("override", self._execution(
@@ -131,7 +132,7 @@ class Gateway:
         the database has confirmed that this replica is the one to report a crossing.
         """
         for c in crossings:
-            self.metrics.warnings.labels(c.scope, c.id).inc()
+            self.metrics.child(self.metrics.warnings, c.scope, c.id).inc()
             self.audit.record("warning", {
                 "scope": c.scope, "id": c.id, "period": c.period,
                 "threshold": f"{int(c.threshold * 100)}%", "limit_usd": format_usd(c.limit),
