@@ -24,7 +24,7 @@ def _load(path: str | None) -> tuple[Settings, list[str]]:
 def setup_logging(settings: Settings) -> None:
     from gateway.logs import configure
 
-    configure(settings.log_format, settings.log_level)
+    configure(settings.log_format, settings.log_level, access=settings.access_log)
 
 
 def _install_uvloop() -> None:

