@@ -136,16 +136,29 @@ class BudgetEngine:
         self.limits: dict[ScopeKey, int] = dict(limits)
         self.tz = tz
         self.warn_at = tuple(sorted(warn_at))
+        # (threshold, numerator, denominator): ``spent >= t * limit`` as an exact integer
+        # comparison, checked per scope on every request (Decimal arithmetic cost µs there).
+        self._warn_ratios = tuple((t, *t.as_integer_ratio()) for t in self.warn_at)
         self.near_cap = near_cap
         self.min_output_tokens = min_output_tokens
         self.clock = clock
         self._load_spend = load_spend
         self._books: dict[str, PeriodBook] = {}
         self._book_lock = asyncio.Lock()
+        self._period_span: tuple[datetime, datetime, str] | None = None
 
     # -- periods -----------------------------------------------------------------------------
     def current_period(self) -> str:
-        return period_of(self.clock(), self.tz)
+        """The month of ``clock()``; its UTC bounds are kept, so that on every request a
+        comparison replaces the time zone conversion."""
+        now = self.clock()
+        span = self._period_span
+        if span is not None and now.tzinfo is not None and span[0] <= now < span[1]:
+            return span[2]
+        period = period_of(now, self.tz)
+        if now.tzinfo is not None:
+            self._period_span = (*period_bounds(period, self.tz), period)
+        return period
 
     async def book(self, period: str | None = None) -> PeriodBook:
         """The book of ``period`` (default: now), loaded from the ledger on first use."""
@@ -176,7 +189,8 @@ class BudgetEngine:
                 del self._books[period]
 
     def _passed(self, key: ScopeKey, state: ScopeState) -> set[tuple[ScopeKey, Decimal]]:
-        return {(key, t) for t in self.warn_at if state.spent >= t * state.limit}
+        spent, limit = state.spent, state.limit
+        return {(key, t) for t, num, den in self._warn_ratios if spent * den >= num * limit}
 
     # -- admission ---------------------------------------------------------------------------
     async def reserve(
@@ -252,10 +266,14 @@ class BudgetEngine:
                 continue
             state.reserved -= reservation.amount
             state.spent += actual
-            for passed in self._passed(key, state) - book.crossed:
-                book.crossed.add(passed)
-                crossings.append(Crossing(key[0], key[1], book.period, passed[1],
-                                          state.limit, state.spent))
+            spent, limit = state.spent, state.limit
+            for t, num, den in self._warn_ratios:
+                if spent * den < num * limit:
+                    break  # thresholds are sorted: the higher ones are not passed either
+                passed = (key, t)
+                if passed not in book.crossed:
+                    book.crossed.add(passed)
+                    crossings.append(Crossing(key[0], key[1], book.period, t, limit, spent))
         return crossings
 
     # -- reads -------------------------------------------------------------------------------
@@ -272,9 +290,10 @@ class BudgetEngine:
         if book is None or not self.warn_at:
             return []
         out = []
+        _, num, den = self._warn_ratios[0]
         for key in reservation.scopes:
             state = book.states.get(key)
-            if state and state.limit and state.spent >= self.warn_at[0] * state.limit:
+            if state and state.limit and state.spent * den >= num * state.limit:
                 percent = (Decimal(state.spent) * 100 / state.limit).quantize(Decimal(1))
                 out.append(f"{key[0]}:{key[1]} {percent}%")
         return out

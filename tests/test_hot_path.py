@@ -3,12 +3,55 @@
 from __future__ import annotations
 
 import logging
+import random
+from decimal import Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from gateway import logs
+from gateway.budget import BudgetEngine, PeriodBook, Reservation, ScopeState
 from gateway.config import ConfigError, load_settings
+from gateway.money import _format_usd_decimal, format_usd
+
+
+def test_format_usd_matches_decimal_on_edges_and_random_values() -> None:
+    edges = [0, 1, -1, 10**12, 10**12 + 1, 10**12 - 1, 150_000_000, 1500, 10**27,
+             10**28 - 1, 10**28, 10**28 + 1, 10**30 + 7, -(10**12) - 1, 10**15 * 10**12]
+    rng = random.Random(8)
+    values = list(edges)
+    for _ in range(20_000):
+        values.append(rng.randint(0, 10 ** rng.randint(0, 32)))
+        values.append(-rng.randint(0, 10 ** rng.randint(0, 20)))
+        values.append(rng.randint(0, 99) * 10 ** rng.randint(0, 30))
+    assert [v for v in values if format_usd(v) != _format_usd_decimal(v)] == []
+    assert format_usd(0) == "0" and format_usd(10**12) == "1"
+    assert format_usd(10**12 + 1) == "1.000000000001"
+    assert format_usd(150_000_000) == "0.00015" and format_usd(-1500) == "-0.0000000015"
+
+
+def test_warnings_and_crossings_compare_exactly_at_the_threshold() -> None:
+    async def no_spend(period: str) -> dict:
+        return {}
+
+    engine = BudgetEngine({("global", "global"): 1000}, ZoneInfo("UTC"),
+                          [Decimal("0.8"), Decimal("0.5")], no_spend)
+    book = engine._books["p"] = PeriodBook("p")
+    book.states[("global", "global")] = ScopeState(1000)
+    r = Reservation("p", (("global", "global"),), 499)
+    book.states[("global", "global")].reserved = 499
+    assert engine.settle(r, 499) == [] and engine.warnings(r) == []
+    r = Reservation("p", (("global", "global"),), 1)
+    book.states[("global", "global")].reserved = 1
+    [half] = engine.settle(r, 1)  # 500 of 1000: exactly 50 %
+    assert (half.threshold, half.spent, engine.warnings(r)) == (Decimal("0.5"), 500,
+                                                                ["global:global 50%"])
+    r = Reservation("p", (("global", "global"),), 700)
+    book.states[("global", "global")].reserved = 700
+    crossed = engine.settle(r, 700)  # 1200: past 80 % (50 % already reported)
+    assert [c.threshold for c in crossed] == [Decimal("0.8")]
+    assert engine.warnings(r) == ["global:global 120%"]
 
 
 def test_access_log_switch(tmp_path: Path) -> None:
