@@ -21,24 +21,34 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date"}
 
 
-def _named_by_connection(headers: Iterable[tuple[str, str]]) -> set[str]:
-    named: set[str] = set()
+def _split(
+    headers: Iterable[tuple[str, str]], drop: frozenset[str]
+) -> tuple[list[tuple[str, str, str]], set[str] | None]:
+    """One pass: ``(lowercase name, name, value)`` not in ``drop``, and the names that
+    ``Connection`` headers list (``None`` when there is none; ``connection`` is always in
+    ``drop``)."""
+    kept: list[tuple[str, str, str]] = []
+    named: set[str] | None = None
     for name, value in headers:
-        if name.lower() == "connection":
-            named.update(v.strip().lower() for v in value.split(",") if v.strip())
-    return named
+        lower = name.lower()
+        if lower in drop:
+            if lower == "connection":
+                named = named or set()
+                named.update(v.strip().lower() for v in value.split(",") if v.strip())
+            continue
+        kept.append((lower, name, value))
+    return kept, named
 
 
 def upstream_request_headers(
     headers: Iterable[tuple[str, str]], upstream_key: str | None
 ) -> list[tuple[str, str]]:
     """Client headers to send upstream: hop-by-hop and costwall's own dropped, key swapped."""
-    pairs = list(headers)
-    drop = _REQUEST_DROP | _named_by_connection(pairs)
+    kept, named = _split(headers, _REQUEST_DROP)
     out = [
         (name, value)
-        for name, value in pairs
-        if name.lower() not in drop and not name.lower().startswith("x-costwall-")
+        for lower, name, value in kept
+        if not lower.startswith("x-costwall-") and (named is None or lower not in named)
     ]
     # Ask for an uncompressed body: the gateway reads usage from it and relays it as is.
     out.append(("Accept-Encoding", "identity"))
@@ -54,12 +64,12 @@ def client_response_headers(
 
     An upstream that echoes the gateway's key in a header gets it redacted (``redact_key``).
     """
-    pairs = list(headers)
-    drop = _RESPONSE_DROP | _named_by_connection(pairs)
-    out = [(name, value) for name, value in pairs if name.lower() not in drop]
+    kept, named = _split(headers, _RESPONSE_DROP)
     if upstream_key:
-        out = [(name, value.replace(upstream_key, REDACTED)) for name, value in out]
-    return out
+        return [(name, value.replace(upstream_key, REDACTED) if upstream_key in value
+                 else value) for lower, name, value in kept
+                if named is None or lower not in named]
+    return [(name, value) for lower, name, value in kept if named is None or lower not in named]
 
 
 REDACTED = "[redacted]"

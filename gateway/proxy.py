@@ -11,6 +11,7 @@ failure mid-stream can never leave a reservation open or a forwarded request unr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import secrets
@@ -220,13 +221,11 @@ def _our_headers(gw: Gateway, call: Call) -> list[tuple[str, str]]:
 
 async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamResponse:
     """Send the call upstream and relay the answer; fills ``call.status`` and ``call.usage``."""
-    url = f"{gw.settings.upstream_url}/{request.match_info['endpoint']}"
-    timeout = aiohttp.ClientTimeout(
-        total=None if call.stream else gw.settings.upstream_timeout_s,
-        sock_connect=gw.settings.upstream_connect_timeout_s,
-        sock_read=gw.settings.upstream_timeout_s,
-    )
-    headers = upstream_request_headers(request.headers.items(), gw.settings.upstream_key)
+    settings = gw.settings
+    url = f"{settings.upstream_url}/{request.match_info['endpoint']}"
+    timeout = _timeout(call.stream, settings.upstream_timeout_s,
+                       settings.upstream_connect_timeout_s)
+    headers = upstream_request_headers(request.headers.items(), settings.upstream_key)
     sent = time.perf_counter()
     try:
         upstream = await gw.session.post(url, data=call.body, headers=headers, timeout=timeout)
@@ -260,12 +259,11 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
         elif upstream.status < 400:
             call.usage = counted_usage(call, _json_or_none(body))
         settle(gw, call)
-        key = gw.settings.upstream_key
-        response = web.Response(status=upstream.status, body=redact_key(body, key))
-        for name, value in client_response_headers(upstream.headers.items(), key):
-            response.headers.add(name, value)
-        for name, value in _our_headers(gw, call):
-            response.headers.add(name, value)
+        key = settings.upstream_key
+        # All headers as one list: the response builds its header dict once from it.
+        out = client_response_headers(upstream.headers.items(), key)
+        out += _our_headers(gw, call)
+        response = web.Response(status=upstream.status, body=redact_key(body, key), headers=out)
         response.headers["X-Costwall-Cost-Usd"] = format_usd(call.entry.cost if call.entry else 0)
         remaining = gw.budgets.remaining(call.reservation) if call.reservation else None
         if remaining is not None:
@@ -273,6 +271,13 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
         return response
     finally:
         upstream.release()
+
+
+@functools.lru_cache(maxsize=8)
+def _timeout(stream: bool, timeout_s: float, connect_s: float) -> aiohttp.ClientTimeout:
+    """The upstream timeouts (immutable, so one object per setting serves every request)."""
+    return aiohttp.ClientTimeout(total=None if stream else timeout_s, sock_connect=connect_s,
+                                 sock_read=timeout_s)
 
 
 def _json_or_none(body: bytes) -> Any:
@@ -296,12 +301,9 @@ async def relay_stream(
     gw: Gateway, request: web.Request, call: Call, upstream: aiohttp.ClientResponse
 ) -> web.StreamResponse:
     """Relay SSE chunk by chunk as it arrives; charge what was produced however it ends."""
-    response = web.StreamResponse(status=upstream.status)
-    for name, value in client_response_headers(upstream.headers.items(),
-                                               gw.settings.upstream_key):
-        response.headers.add(name, value)
-    for name, value in _our_headers(gw, call):
-        response.headers.add(name, value)
+    out = client_response_headers(upstream.headers.items(), gw.settings.upstream_key)
+    out += _our_headers(gw, call)
+    response = web.StreamResponse(status=upstream.status, headers=out)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     meter = StreamMeter(call.endpoint, strip_usage_chunk=call.strip_usage)

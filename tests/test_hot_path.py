@@ -13,6 +13,7 @@ import pytest
 from gateway import logs
 from gateway.budget import BudgetEngine, PeriodBook, Reservation, ScopeState
 from gateway.config import ConfigError, load_settings
+from gateway.headers import REDACTED, client_response_headers, upstream_request_headers
 from gateway.money import _format_usd_decimal, format_usd
 
 
@@ -29,6 +30,44 @@ def test_format_usd_matches_decimal_on_edges_and_random_values() -> None:
     assert format_usd(0) == "0" and format_usd(10**12) == "1"
     assert format_usd(10**12 + 1) == "1.000000000001"
     assert format_usd(150_000_000) == "0.00015" and format_usd(-1500) == "-0.0000000015"
+
+
+# The one-pass header filters against the two-pass originals they replaced.
+def _named(pairs: list[tuple[str, str]]) -> set[str]:
+    return {v.strip().lower() for n, value in pairs if n.lower() == "connection"
+            for v in value.split(",") if v.strip()}
+
+
+def _old_request(pairs: list[tuple[str, str]], key: str | None) -> list[tuple[str, str]]:
+    from gateway.headers import _REQUEST_DROP
+    drop = _REQUEST_DROP | _named(pairs)
+    out = [(n, v) for n, v in pairs
+           if n.lower() not in drop and not n.lower().startswith("x-costwall-")]
+    out.append(("Accept-Encoding", "identity"))
+    if key:
+        out.append(("Authorization", f"Bearer {key}"))
+    return out
+
+
+def _old_response(pairs: list[tuple[str, str]], key: str | None) -> list[tuple[str, str]]:
+    from gateway.headers import _RESPONSE_DROP
+    drop = _RESPONSE_DROP | _named(pairs)
+    out = [(n, v) for n, v in pairs if n.lower() not in drop]
+    return [(n, v.replace(key, REDACTED)) for n, v in out] if key else out
+
+
+def test_header_filters_match_the_two_pass_originals() -> None:
+    rng = random.Random(3)
+    names = ["Content-Type", "connection", "Connection", "Keep-Alive", "X-Foo", "x-foo",
+             "X-Costwall-Agent", "Authorization", "Host", "Date", "Server", "Retry-After",
+             "Content-Length", "TE", "Upgrade", "X-Request-Id", "Set-Cookie", "Cookie"]
+    values = ["a", "X-Foo, retry-after", "keep-alive", " x-request-id ,", "sk-up-1 echo",
+              "", "close", "Bearer sk-up-1"]
+    for _ in range(3000):
+        pairs = [(rng.choice(names), rng.choice(values)) for _ in range(rng.randint(0, 9))]
+        key = rng.choice([None, "", "sk-up-1"])
+        assert upstream_request_headers(pairs, key) == _old_request(pairs, key)
+        assert client_response_headers(pairs, key) == _old_response(pairs, key)
 
 
 def test_warnings_and_crossings_compare_exactly_at_the_threshold() -> None:
