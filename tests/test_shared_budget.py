@@ -219,9 +219,9 @@ async def test_connections_lost_and_back(replica: Replica,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()")
     assert await request(a, 2, UNIT), "the writer reconnects and carries on"
-    # asyncpg names the loss InterfaceError or InternalClientError, depending on timing
-    assert re.search(r"ledger writer: (InterfaceError|InternalClientError); retrying",
-                     caplog.text)
+    # asyncpg names the loss differently depending on timing (InterfaceError,
+    # InternalClientError, ConnectionDoesNotExistError...): what matters is the retry.
+    assert re.search(r"ledger writer: \w+; retrying", caplog.text)
     assert await request(a, 3, UNIT)
     assert (await usage(a))[GLOBAL] == (3 * UNIT, 0)
     assert len(await a.ledger.entries(PERIOD)) == 3
