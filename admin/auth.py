@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -218,6 +219,13 @@ async def authenticate(request: web.Request) -> Principal:
     if session is None:
         raise login_redirect(request)
     return Principal(session.role, "ui", ip, session)
+
+
+def form_text(form: Any, name: str, limit: int | None = None) -> str:
+    """A text field of a submitted form ('' if absent or a file), cut to ``limit``."""
+    value = form.get(name, "")
+    text = value if isinstance(value, str) else ""
+    return text if limit is None else text[:limit]
 
 
 async def read_form(request: web.Request) -> MultiDictProxy[str | FileField]:

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from admin import ops, validate
-from admin.auth import principal, read_form, requires
+from admin.auth import form_text, principal, read_form, requires
 from admin.errors import BadInput
 from admin.render import flash, render
 from gateway.config import SCOPES
@@ -38,27 +38,22 @@ async def budget(request: web.Request) -> web.Response:
     return await _page(request)
 
 
-def _text(form: Any, name: str) -> str:
-    value = form.get(name, "")
-    return value if isinstance(value, str) else ""
-
-
 @requires("write")
 async def toggle_override(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     form = await read_form(request)
-    action = _text(form, "enabled")
+    action = form_text(form, "enabled")
     try:
         if action not in ("on", "off"):
             raise BadInput("Choose whether to turn the override on or off.")
         enabled = action == "on"
-        if enabled and _text(form, "confirm") != "yes":
+        if enabled and form_text(form, "confirm") != "yes":
             raise BadInput("Tick the box to confirm that you understand what the override "
                            "does.")
-        await ops.set_override(gw, enabled, _text(form, "reason"), principal(request).actor)
+        await ops.set_override(gw, enabled, form_text(form, "reason"), principal(request).actor)
     except GatewayError as exc:
         return await _page(request, exc.status, override_error=exc.message,
-                           form={"reason": _text(form, "reason")[:500]})
+                           form={"reason": form_text(form, "reason")[:500]})
     flash(request, "Global override is now ON: budgets are not enforced." if enabled
           else "Global override is now off: budgets are enforced again.",
           "warn" if enabled else "ok")
@@ -69,7 +64,7 @@ async def toggle_override(request: web.Request) -> web.Response:
 async def save_cap(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     form = await read_form(request)
-    values = {k: _text(form, k)[:200] for k in ("scope", "id", "monthly_usd", "reason")}
+    values = {k: form_text(form, k)[:200] for k in ("scope", "id", "monthly_usd", "reason")}
     try:
         key = ops.cap_key(values["scope"], values["id"])
         limit = validate.money(values["monthly_usd"])
@@ -87,7 +82,7 @@ async def remove_cap(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     form = await read_form(request)
     try:
-        key = ops.cap_key(_text(form, "scope"), _text(form, "id"))
+        key = ops.cap_key(form_text(form, "scope"), form_text(form, "id"))
         await ops.remove_cap(gw, key, principal(request).actor)
     except GatewayError as exc:
         return await _page(request, exc.status, cap_error=exc.message)

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from admin import ops
-from admin.auth import principal, read_form, requires
+from admin.auth import form_text, principal, read_form, requires
 from admin.render import flash, render
 from gateway.errors import GatewayError
 from gateway.services import GATEWAY
@@ -30,20 +30,16 @@ async def keys(request: web.Request) -> web.Response:
     return await _page(request)
 
 
-def _text(form: Any, name: str) -> str:
-    value = form.get(name, "")
-    return value[:200] if isinstance(value, str) else ""
-
-
 @requires("write")
 async def create_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     form = await read_form(request)
-    values = {k: _text(form, k) for k in ("name", "tenant", "agent")}
+    values = {k: form_text(form, k, 200) for k in ("name", "tenant", "agent")}
     try:
         created, secret = await ops.create_key(
             gw, values["name"], values["tenant"], values["agent"],
-            ops.ensure_form_bool(_text(form, "can_override") or None), principal(request).actor)
+            ops.ensure_form_bool(form_text(form, "can_override", 200) or None),
+            principal(request).actor)
     except GatewayError as exc:
         return await _page(request, exc.status, key_error=exc.message, form=values)
     return await _page(request, created=created, secret=secret)
@@ -53,7 +49,7 @@ async def create_key(request: web.Request) -> web.Response:
 async def revoke_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     form = await read_form(request)
-    name = _text(form, "name")
+    name = form_text(form, "name", 200)
     try:
         await ops.revoke_key(gw, name, principal(request).actor)
     except GatewayError as exc:
