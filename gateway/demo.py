@@ -51,7 +51,7 @@ BUDGETS: dict[str, Any] = {
     "global": {"monthly_usd": "5"},
     "tenants": {"acme": {"monthly_usd": "2"}, "globex": {"monthly_usd": "3"}},
     "agents": {"research": {"monthly_usd": "2.5"}},
-    "campaigns": {"spring-launch": {"monthly_usd": "0.5"}, "market-scan": {"monthly_usd": "0.03"}},
+    "campaigns": {"spring-launch": {"monthly_usd": "0.5"}, "market-scan": {"monthly_usd": "0.01"}},
 }
 
 
@@ -179,10 +179,13 @@ async def run_demo(port: int, directory: Path, agents: bool = True) -> None:
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
-        for task in tasks:
-            task.cancel()
+        # The gateway first: it drains its in-flight requests while the agents are still
+        # connected (an agent cut first would leave a stream with no one to relay it to).
         if runner is not None:
             await runner.cleanup()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if upstream_runner is not None:
             await upstream_runner.cleanup()
         if not started and created:  # a failed first start leaves nothing behind
