@@ -286,7 +286,8 @@ def upstream_auth_failed(key_env: str, headers: list[tuple[str, str]]) -> web.Re
         "The upstream API rejected costwall's own upstream key; your virtual key is fine. "
         f"The gateway operator must fix the upstream key{where}.")
     headers = [(k, v) for k, v in headers
-               if k.lower() not in ("content-type", "content-length", "content-encoding")]
+               if k.lower() not in ("content-type", "content-length", "content-encoding",
+                                    "www-authenticate")]
     headers += [("X-Costwall-Upstream-Auth", "failed"), ("x-should-retry", "false")]
     return web.Response(status=error.status, body=error.to_json(), headers=headers,
                         content_type="application/json")
@@ -446,6 +447,9 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
         async with gw.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(
                 total=gw.settings.upstream_timeout_s)) as upstream:
             key = gw.settings.upstream_key
+            if upstream.status == 401:  # costwall's key, not the agent's (see forward)
+                return upstream_auth_failed(gw.settings.upstream_key_env, [
+                    ("X-Costwall-Request-Id", request[REQUEST_ID_KEY])])
             response = web.Response(status=upstream.status,
                                     body=redact_key(await upstream.read(), key))
             for name, value in client_response_headers(upstream.headers.items(), key):

@@ -418,7 +418,10 @@ def test_upstream_401_becomes_502_upstream_auth_failed(tmp_path: Path) -> None:
             assert "COSTWALL_TEST_UPSTREAM_KEY" in err.message
             assert "sk-upstr" not in err.message
             assert err.response.headers["X-Costwall-Upstream-Auth"] == "failed"
-        assert len(seen) == 2  # x-should-retry: false, so no SDK retry hit the upstream
+        with pytest.raises(openai.APIStatusError) as info:  # GET /v1/models too
+            client.models.list()
+        assert info.value.status_code == 502 and "your virtual key is fine" in info.value.message
+        assert len(seen) == 3  # x-should-retry: false, so no SDK retry hit the upstream
         assert all(h == "Bearer sk-upstream-secret" for h in seen)
         rows = stack.rows()
         assert [(r.status, r.cost) for r in rows] == [(401, 0), (401, 0)]
