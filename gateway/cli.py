@@ -21,6 +21,9 @@ def _load(path: str | None) -> tuple[Settings, list[str]]:
     try:
         return load_settings(path)
     except ConfigError as exc:
+        if len(exc.problems) == 1:
+            print(f"costwall: {exc.problems[0]}", file=sys.stderr)
+            raise SystemExit(2) from None
         print(f"costwall: configuration has {len(exc.problems)} problem(s):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
@@ -161,7 +164,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C while starting: everything is closed already
         return 130
     except Exception as exc:
-        _fail(describe(exc, Settings(port=args.port)))
+        _fail(describe(exc, Settings(port=args.port,
+                                     database=f"sqlite:///{directory / 'costwall.db'}")))
         sys.stdout.flush()
         os._exit(1)
     return 0
