@@ -125,6 +125,18 @@ keys:
     assert len(problems) == 10, problems
 
 
+def test_a_valid_config_with_every_key_entry_field_loads(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("keys:\n  - {name: a, key: sk-cw-a, tenant: t, agent: content, "
+                    "agents: [content, support], can_override: true}\n"
+                    "budgets: {keys: {a: {monthly_usd: '1.5'}}}\n")
+    settings, _ = load_settings(path, {})
+    [key] = settings.keys
+    assert (key.name, key.tenant, key.agent, key.can_override) == ("a", "t", "content", True)
+    if hasattr(key, "agents"):  # the field arrives with the X-Costwall-Agent work
+        assert tuple(key.agents) == ("content", "support")
+
+
 def test_check_lists_every_problem_and_exit_code(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("server: {prot: 9000}\n"
                                      "budgets: {tenants: {acme: {montly_usd: 200}}}\n")
