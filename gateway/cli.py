@@ -195,10 +195,17 @@ Next:
 
 def cmd_invoice(args: argparse.Namespace) -> int:
     from admin.invoices import invoice_command
+    from gateway.startup import StartupError, require_database_driver
 
     settings, _ = _load(args.config)
-    return asyncio.run(invoice_command(settings, args.month, args.tenant,
-                                       Path(args.out) if args.out else None))
+    try:
+        require_database_driver(settings.database)
+        return asyncio.run(invoice_command(settings, args.month, args.tenant,
+                                           Path(args.out) if args.out else None))
+    except StartupError as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # the database cannot be opened, ...: one line, not a traceback
+        _die(exc, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
