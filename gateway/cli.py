@@ -1,24 +1,50 @@
-"""The ``costwall`` command: serve, check, invoice, demo, fake-upstream."""
+"""The ``costwall`` command: serve, check, invoice, demo, init, fake-upstream.
+
+Start-up failures print one line (``costwall: ...``) on stderr and exit non-zero: never a
+traceback, never a process left alive without listening.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import PACKAGED_PRICING, ConfigError, Settings, load_settings
 
 
 def _load(path: str | None) -> tuple[Settings, list[str]]:
     try:
         return load_settings(path)
     except ConfigError as exc:
+        if len(exc.problems) == 1:
+            print(f"costwall: {exc.problems[0]}", file=sys.stderr)
+            raise SystemExit(2) from None
         print(f"costwall: configuration has {len(exc.problems)} problem(s):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> int:
+    """One line on stderr; the caller returns the exit code."""
+    print(f"costwall: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _die(exc: BaseException, settings: Settings) -> NoReturn:
+    """A failure once things are open: one line, then exit at once. ``os._exit`` because a
+    half-started ledger may hold a non-daemon thread that would keep the process alive."""
+    from gateway.startup import describe
+
+    logging.getLogger("costwall").debug("start-up failed", exc_info=exc)
+    _fail(describe(exc, settings))
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def setup_logging(settings: Settings) -> None:
@@ -40,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from aiohttp import web
 
+    from gateway import startup
     from gateway.app import create_app
 
     settings, warnings = _load(args.config)
@@ -48,31 +75,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         settings = replace(settings, port=args.port)
     setup_logging(settings)
+    try:  # everything that can fail before a file or connection is opened
+        startup.require_upstream_key(settings)
+        startup.require_database_driver(settings.database)
+        prices = startup.load_prices(settings)
+        startup.require_free_port(settings.host, settings.port)
+    except startup.StartupError as exc:
+        return _fail(str(exc))
     for warning in warnings:
         logging.getLogger("costwall").warning("%s", warning)
     _install_uvloop()
-    app = create_app(settings)
-    print(f"costwall listening on http://{settings.host}:{settings.port} "
-          f"(upstream {settings.upstream_url}, database {settings.database.split('://')[0]})",
-          flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None,
-                shutdown_timeout=settings.shutdown_grace_s, handler_cancellation=False)
+    banner = (f"costwall listening on http://{settings.host}:{settings.port} "
+              f"(upstream {settings.upstream_url}, database {settings.database.split('://')[0]})")
+    try:
+        app = create_app(settings, prices=prices)
+        # The banner is printed once the port is bound (run_app's print hook), not before.
+        web.run_app(app, host=settings.host, port=settings.port, access_log=None,
+                    print=lambda *_: print(banner, flush=True),
+                    shutdown_timeout=settings.shutdown_grace_s, handler_cancellation=False)
+    except Exception as exc:  # the database, recovery, a port taken meanwhile: one line
+        _die(exc, settings)
     return 0
 
 
-def _configured_pricing(config: str | None) -> Path:
-    """The price table a config names, read even when the config has other problems, so
+def _configured_pricing(exc: ConfigError | None) -> Path:
+    """The price table a config names, known even when the config has other problems, so
     ``check`` validates that table and not the default one."""
-    import os
-
-    from gateway.config import DEFAULT_CONFIG, load_yaml
-
-    try:
-        raw = load_yaml(Path(config or os.environ.get("COSTWALL_CONFIG", DEFAULT_CONFIG)))
-    except Exception:  # unreadable or not YAML: that problem is listed already
-        raw = None
-    pricing = raw.get("pricing") if isinstance(raw, dict) else None
-    return Path(str(pricing)) if pricing else Path("config/pricing.yaml")
+    return exc.pricing_path if exc is not None and exc.pricing_path else PACKAGED_PRICING
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -83,11 +112,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems: list[str] = []
     warnings: list[str] = []
     settings: Settings | None = None
+    error: ConfigError | None = None
     try:
         settings, warnings = load_settings(args.config)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    pricing_path = settings.pricing_path if settings else _configured_pricing(args.config)
+        error = exc
+    pricing_path = settings.pricing_path if settings else _configured_pricing(error)
     prices, price_problems = load_price_table(pricing_path)
     problems.extend(price_problems)
     if settings is not None and settings.unknown_model != "reject" and \
@@ -121,19 +152,60 @@ def cmd_fake_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from gateway.demo import default_demo_dir, run_demo
+    from gateway.startup import StartupError, describe
 
     _install_uvloop()
-    asyncio.run(run_demo(args.port, Path(args.dir)))
+    directory = Path(args.dir).expanduser() if args.dir else default_demo_dir(os.environ)
+    try:
+        asyncio.run(run_demo(args.port, directory))
+    except StartupError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C while starting: everything is closed already
+        return 130
+    except Exception as exc:
+        _fail(describe(exc, Settings(port=args.port,
+                                     database=f"sqlite:///{directory / 'costwall.db'}")))
+        sys.stdout.flush()
+        os._exit(1)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from gateway.init import InitError, write_starter
+
+    try:
+        written, key = write_starter(Path(args.dir).expanduser(), force=args.force)
+    except InitError as exc:
+        return _fail(str(exc))
+    for path in written:
+        print(f"wrote {path}")
+    config = written[0]
+    print(f"""
+First virtual key (only its SHA-256 is in the config; give it to an agent as its API key):
+  {key}
+
+Next:
+  1. edit {config} (budgets, keys) and put real secrets in the environment
+     (see {written[1]}: OPENAI_API_KEY, COSTWALL_ADMIN_TOKEN, COSTWALL_FINANCE_TOKEN)
+  2. costwall check --config {config}
+  3. costwall serve --config {config}""")
     return 0
 
 
 def cmd_invoice(args: argparse.Namespace) -> int:
     from admin.invoices import invoice_command
+    from gateway.startup import StartupError, require_database_driver
 
     settings, _ = _load(args.config)
-    return asyncio.run(invoice_command(settings, args.month, args.tenant,
-                                       Path(args.out) if args.out else None))
+    try:
+        require_database_driver(settings.database)
+        return asyncio.run(invoice_command(settings, args.month, args.tenant,
+                                           Path(args.out) if args.out else None))
+    except StartupError as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # the database cannot be opened, ...: one line, not a traceback
+        _die(exc, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,8 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_invoice)
     p = sub.add_parser("demo", help="gateway + simulated upstream + simulated agents")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--dir", default="data/demo", help="where the demo keeps its state")
+    p.add_argument("--dir", help="where the demo keeps its state (default: "
+                   "$COSTWALL_DEMO_DIR, else $XDG_DATA_HOME/costwall/demo, "
+                   "i.e. ~/.local/share/costwall/demo)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("init", help="write a starter costwall.yaml and .env.example")
+    p.add_argument("dir", nargs="?", default=".", help="folder to write into (default: .)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=cmd_init)
     p = sub.add_parser("fake-upstream", help="run the OpenAI-compatible simulator")
     p.add_argument("--port", type=int, default=8090)
     p.add_argument("--host", default="127.0.0.1")

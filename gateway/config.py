@@ -4,14 +4,22 @@ Every problem is collected before anything starts, so ``costwall check`` can lis
 YAML floats are read as ``Decimal`` (see ``load_yaml``): money never passes through a float.
 Missing secrets (upstream key, admin tokens) are warnings, not errors, so the shipped config
 checks clean on a fresh machine.
+
+Every section rejects keys it does not read, naming the closest known one (a typo such as
+``server.prot`` must never silently fall back to a default). Relative paths in a config file
+(``pricing``, ``logs_dir``, ``reports_dir``, a ``sqlite:///`` path, and their defaults) are
+resolved against the config file's directory, so the current directory never matters; paths
+given in environment variables are used as given (relative to the current directory, like any
+path typed in a shell). Without ``pricing`` the price table shipped inside the package is used.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -23,6 +31,12 @@ import yaml
 from gateway.money import MoneyError, to_pico
 
 DEFAULT_CONFIG = Path("config/costwall.yaml")
+# Looked for in this order when neither --config nor COSTWALL_CONFIG names a file: the
+# repository layout, then the file `costwall init` writes into the current directory.
+CONFIG_CANDIDATES = (DEFAULT_CONFIG, Path("costwall.yaml"))
+# The price table shipped inside the package (a copy of config/pricing.yaml, kept identical
+# by tools/gen_pricing.py --write); used when a config does not set `pricing`.
+PACKAGED_PRICING = Path(__file__).resolve().parent / "data" / "pricing.yaml"
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 DEFAULT_DATABASE = "sqlite:///data/costwall.db"
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
@@ -35,11 +49,107 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
 class ConfigError(Exception):
-    """The configuration has problems; ``problems`` lists every one of them."""
+    """The configuration has problems; ``problems`` lists every one of them.
 
-    def __init__(self, problems: list[str]):
+    ``pricing_path`` is the price table the config names (when it could be read), so
+    ``costwall check`` validates that table even when the rest of the config is wrong.
+    """
+
+    def __init__(self, problems: list[str], pricing_path: Path | None = None):
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.pricing_path = pricing_path
+
+
+# What each section reads. A key outside these is an error naming the closest known key;
+# a key of the contract that this version does not implement yet gets its own message.
+SECTION_KEYS: dict[str, frozenset[str]] = {
+    "": frozenset({"server", "upstream", "database", "logs_dir", "reports_dir", "pricing",
+                   "unknown_model", "admin", "budgets", "override", "keys", "logging",
+                   "limits", "invoices", "ledger"}),
+    "server": frozenset({"host", "port"}),
+    "upstream": frozenset({"base_url", "api_key_env", "timeout_s", "connect_timeout_s",
+                           "max_connections"}),
+    "ledger": frozenset({"synchronous", "pool_size", "reclaim_after_s"}),
+    "admin": frozenset({"token_env", "finance_token_env"}),
+    "budgets": frozenset({"timezone", "warn_at", "near_cap", "min_output_tokens", "global",
+                          "tenants", "agents", "campaigns", "keys"}),
+    "budget_entry": frozenset({"monthly_usd"}),
+    "key": frozenset({"name", "key", "key_sha256", "tenant", "agent", "agents",
+                      "can_override"}),
+    "limits": frozenset({"max_body_bytes", "shutdown_grace_s"}),
+    "logging": frozenset({"format", "level", "access"}),
+    "invoices": frozenset({"company"}),
+    "override": frozenset({"allow"}),
+}
+NOT_YET: dict[str, frozenset[str]] = {
+    "": frozenset({"rate_limits", "alerts", "upstreams"}),
+    "budgets": frozenset({"users", "users_default"}),
+    "budget_entry": frozenset({"weekly_usd", "daily_usd", "hourly_usd"}),
+    "invoices": frozenset({"auto", "email_to"}),
+}
+
+
+def unknown_keys(section: Mapping[Any, Any], kind: str, where: str,
+                 problems: list[str]) -> set[str]:
+    """Report every key of ``section`` that costwall does not read; return the names suggested
+    instead, so a caller can skip "required" for a field that is only misspelt."""
+    known: Collection[str] = SECTION_KEYS[kind]
+    later = NOT_YET.get(kind, frozenset())
+    suggested: set[str] = set()
+    for raw_name in section:
+        name = str(raw_name)
+        if name in known:
+            continue
+        path = f"{where}.{name}" if where else name
+        if name in later:
+            problems.append(f"{path}: not supported by this version of costwall yet")
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        if close:
+            suggested.add(close[0])
+            problems.append(f"{path}: unknown setting; did you mean `{close[0]}`?")
+        else:
+            problems.append(f"{path}: unknown setting (known: {', '.join(sorted(known))})")
+    return suggested
+
+
+def find_config(env: Mapping[str, str]) -> Path | None:
+    """The config file to use when none is given: COSTWALL_CONFIG, else the first candidate
+    that exists (None when there is none)."""
+    if env.get("COSTWALL_CONFIG"):
+        return Path(env["COSTWALL_CONFIG"])
+    return next((p for p in CONFIG_CANDIDATES if p.is_file()), None)
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """A path from a config file: ``~`` expanded, relative ones joined to the file's folder."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def resolve_database(url: str, base: Path) -> str:
+    """``sqlite:///relative.db`` from a config file, made relative to the file's folder."""
+    if not url.startswith("sqlite:///"):
+        return url
+    rest = url.removeprefix("sqlite:///")
+    if rest == ":memory:" or not rest:
+        return url
+    return f"sqlite:///{resolve_path(rest, base)}"
+
+
+def is_loopback_url(url: str) -> bool:
+    """True for an upstream on this machine (a local model server or the simulator)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _DecimalLoader(yaml.SafeLoader):
@@ -104,7 +214,7 @@ class Settings:
     db_reclaim_after_s: float = 10.0
     logs_dir: Path = Path("logs")
     reports_dir: Path = Path("reports")
-    pricing_path: Path = Path("config/pricing.yaml")
+    pricing_path: Path = PACKAGED_PRICING
     unknown_model: str = "reject"
     max_body_bytes: int = 32 * 1024 * 1024
     admin_token: str | None = None
@@ -163,20 +273,36 @@ def _number(value: Any, where: str, problems: list[str]) -> float:
 
 
 def _money(value: Any, where: str, problems: list[str]) -> int | None:
+    """A monthly cap at ``where``: ``{monthly_usd: 200}`` (or a bare amount), reported
+    readably."""
+    field_where = where
     if isinstance(value, Mapping):
-        value = value.get("monthly_usd")
+        before = len(problems)
+        unknown_keys(value, "budget_entry", where, problems)
+        if "monthly_usd" not in value:
+            if len(problems) == before:  # a misspelt or later window already says why
+                problems.append(f"{where}: needs monthly_usd (the cap in USD per calendar "
+                                "month, e.g. monthly_usd: 200)")
+            return None
+        field_where, value = f"{where}.monthly_usd", value["monthly_usd"]
+    if value is None:
+        problems.append(f"{field_where}: expected an amount in USD such as 200 or \"12.50\", "
+                        "got nothing")
+        return None
     try:
         return to_pico(value)
     except MoneyError as exc:
-        problems.append(f"{where}: {exc}")
+        problems.append(f"{field_where}: expected an amount in USD such as 200 or \"12.50\" "
+                        f"({exc})")
         return None
 
 
 def _section(raw: Mapping[str, Any], name: str, problems: list[str]) -> Mapping[str, Any]:
     value = raw.get(name) or {}
     if not isinstance(value, Mapping):
-        problems.append(f"{name}: must be a mapping")
+        problems.append(f"{name}: must be a mapping (of {', '.join(sorted(SECTION_KEYS[name]))})")
         return {}
+    unknown_keys(value, name, name, problems)
     return value
 
 
@@ -209,8 +335,7 @@ def _parse_budgets(
 
     global_raw = env.get("MAX_MONTHLY_BUDGET", raw.get("global"))
     if global_raw is not None:
-        where = ("MAX_MONTHLY_BUDGET" if "MAX_MONTHLY_BUDGET" in env
-                 else "budgets.global.monthly_usd")
+        where = "MAX_MONTHLY_BUDGET" if "MAX_MONTHLY_BUDGET" in env else "budgets.global"
         pico = _money(global_raw, where, problems)
         if pico is not None:
             limits[("global", "global")] = pico
@@ -223,29 +348,47 @@ def _parse_budgets(
             where = f"budgets.{section}.{ident}"
             if not _ID_RE.match(str(ident)):
                 problems.append(f"{where}: ids use letters, digits and . _ : @ - only")
-            pico = _money(spec, f"{where}.monthly_usd", problems)
+            pico = _money(spec, where, problems)
             if pico is not None:
                 limits[(scope, str(ident))] = pico
     return BudgetSettings(tz, tuple(sorted(set(warn))), near_cap, min_out, limits)
+
+
+_ID_HINT = "letters, digits and . _ : @ - only (at most 128)"
+
+
+def _id_field(spec: Mapping[str, Any], field_name: str, where: str, problems: list[str],
+              suggested: set[str], what: str) -> str:
+    """A required id such as a key's ``name`` or ``tenant``, with a message that says why."""
+    value = spec.get(field_name)
+    if value is None or value == "":
+        if field_name not in suggested:  # a misspelt key already says what is wrong
+            problems.append(f"{where}.{field_name}: required ({what})")
+        return ""
+    text = str(value)
+    if not _ID_RE.match(text):
+        problems.append(f"{where}.{field_name}: {text[:60]!r} is not a valid id: {_ID_HINT}")
+    return text
 
 
 def _parse_keys(raw: Any, problems: list[str]) -> tuple[VirtualKey, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        problems.append("keys: must be a list")
+        problems.append("keys: must be a list of {name, key, tenant, agent} entries")
         return ()
     keys: list[VirtualKey] = []
     names: set[str] = set()
+    with_agents = "agents" in getattr(VirtualKey, "__dataclass_fields__", {})
     for i, spec in enumerate(raw):
         where = f"keys[{i}]"
         if not isinstance(spec, Mapping):
-            problems.append(f"{where}: must be a mapping")
+            problems.append(f"{where}: must be a mapping such as "
+                            "{name: content-agent, key: sk-cw-..., tenant: acme}")
             continue
-        name = str(spec.get("name", ""))
-        if not _ID_RE.match(name):
-            problems.append(f"{where}.name: required; letters, digits and . _ : @ - only")
-        if name in names:
+        suggested = unknown_keys(spec, "key", where, problems)
+        name = _id_field(spec, "name", where, problems, suggested, "a name for this key")
+        if name and name in names:
             problems.append(f"{where}.name: duplicate key name {name!r}")
         names.add(name)
         if spec.get("key"):
@@ -255,14 +398,26 @@ def _parse_keys(raw: Any, problems: list[str]) -> tuple[VirtualKey, ...]:
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 problems.append(f"{where}.key_sha256: must be 64 hex characters")
         else:
-            problems.append(f"{where}: needs 'key' or 'key_sha256'")
+            if not suggested & {"key", "key_sha256"}:
+                problems.append(f"{where}: needs 'key' (the secret agents present) or "
+                                "'key_sha256' (its SHA-256 in hex)")
             continue
-        tenant = str(spec.get("tenant", ""))
-        if not _ID_RE.match(tenant):
-            problems.append(f"{where}.tenant: required; letters, digits and . _ : @ - only")
+        tenant = _id_field(spec, "tenant", where, problems, suggested,
+                           "the tenant this key's spending is billed to")
         agent = str(spec.get("agent", "default"))
+        if not _ID_RE.match(agent):
+            problems.append(f"{where}.agent: {agent[:60]!r} is not a valid id: {_ID_HINT}")
         can_override = _bool(spec.get("can_override", False), f"{where}.can_override", problems)
-        keys.append(VirtualKey(name, digest, tenant, agent, can_override))
+        extra: dict[str, Any] = {}
+        agents = spec.get("agents")
+        if agents is not None:
+            if not isinstance(agents, list) or not all(
+                    isinstance(a, str) and _ID_RE.match(a) for a in agents):
+                problems.append(f"{where}.agents: expected a list of agent types, "
+                                f"e.g. [content, support] ({_ID_HINT})")
+            elif with_agents:
+                extra["agents"] = tuple(agents)
+        keys.append(VirtualKey(name, digest, tenant, agent, can_override, **extra))
     digests = [k.key_sha256 for k in keys]
     if len(digests) != len(set(digests)):
         problems.append("keys: two entries share the same secret")
@@ -274,22 +429,39 @@ def load_settings(
 ) -> tuple[Settings, list[str]]:
     """Load and validate; returns (settings, warnings) or raises ConfigError with every problem."""
     env = os.environ if env is None else env
-    path = Path(path) if path is not None else Path(env.get("COSTWALL_CONFIG", DEFAULT_CONFIG))
+    if path is None:
+        path = find_config(env)
+        if path is None:
+            raise ConfigError([
+                f"no config file: looked for {' and '.join(map(str, CONFIG_CANDIDATES))} "
+                "(write a starter one with `costwall init`, or pass --config PATH)"])
+    path = Path(path)
     problems: list[str] = []
     warnings: list[str] = []
     try:
         raw = load_yaml(path) or {}
     except FileNotFoundError:
-        raise ConfigError([f"{path}: config file not found"]) from None
+        raise ConfigError([f"{path}: config file not found (write a starter one with "
+                           "`costwall init`)"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a config file"]) from None
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError([f"{path}: {exc}"]) from None
     if not isinstance(raw, Mapping):
         raise ConfigError([f"{path}: top level must be a mapping"])
-    known = {"server", "upstream", "database", "logs_dir", "reports_dir", "pricing",
-             "unknown_model", "admin", "budgets", "override", "keys", "logging", "limits",
-             "invoices", "ledger"}
-    for extra in sorted(set(map(str, raw)) - known):
-        problems.append(f"{extra}: unknown setting (known: {', '.join(sorted(known))})")
+    base = path.absolute().parent  # relative paths in the file follow the file
+    pricing_raw = raw.get("pricing")
+    pricing_path = resolve_path(str(pricing_raw), base) if pricing_raw else PACKAGED_PRICING
+    try:
+        return _settings(raw, base, pricing_path, env, problems, warnings)
+    except ConfigError as exc:
+        exc.pricing_path = pricing_path
+        raise
+
+
+def _settings(raw: Mapping[str, Any], base: Path, pricing_path: Path, env: Mapping[str, str],
+              problems: list[str], warnings: list[str]) -> tuple[Settings, list[str]]:
+    unknown_keys(raw, "", "", problems)
 
     server = _section(raw, "server", problems)
     upstream = _section(raw, "upstream", problems)
@@ -309,18 +481,24 @@ def load_settings(
                         "gateway sends its own Authorization); use upstream.api_key_env")
     elif not re.match(r"^https?://[^/\s]+", upstream_url):
         problems.append(f"upstream.base_url: expected an http(s) URL, got {upstream_url!r}")
-    key_env = str(upstream.get("api_key_env", "OPENAI_API_KEY"))
-    upstream_key = env.get(key_env) or None
-    if upstream_key is None:
-        warnings.append(f"upstream key: environment variable {key_env} is not set "
-                        "(requests are forwarded without an upstream key)")
+    key_env = upstream.get("api_key_env", "OPENAI_API_KEY")
+    key_env = "" if key_env is None else str(key_env)  # "" (or null): a keyless upstream
+    upstream_key = (env.get(key_env) or None) if key_env else None
+    if upstream_key is None and key_env:
+        warnings.append(
+            f"upstream key: environment variable {key_env} is not set (`costwall serve` refuses "
+            "to start without it unless the upstream is on this machine; declare a keyless "
+            "upstream with api_key_env: \"\")")
     timeout = _number(upstream.get("timeout_s", 600), "upstream.timeout_s", problems)
     connect = _number(upstream.get("connect_timeout_s", 10), "upstream.connect_timeout_s",
                       problems)
     max_conn = _int(upstream.get("max_connections", 1000), "upstream.max_connections", problems,
                     1, 100_000)
 
-    database = str(env.get("COSTWALL_DB", raw.get("database", DEFAULT_DATABASE)))
+    if env.get("COSTWALL_DB"):
+        database = str(env["COSTWALL_DB"])
+    else:
+        database = resolve_database(str(raw.get("database", DEFAULT_DATABASE)), base)
     if not database.startswith(("sqlite:///", "postgresql://", "postgres://")):
         problems.append("database: expected sqlite:///PATH or postgresql://USER@HOST/DB, "
                         f"got {database!r}")
@@ -348,7 +526,6 @@ def load_settings(
         problems.append("admin and finance tokens must differ")
 
     unknown_model = str(raw.get("unknown_model", "reject"))
-    pricing_path = Path(str(raw.get("pricing", "config/pricing.yaml")))
     budgets_raw = _section(raw, "budgets", problems)
     budgets = _parse_budgets(budgets_raw, env, problems)
     override_allow = _bool(env.get("ALLOW_BUDGET_OVERRIDE", override.get("allow", False)),
@@ -378,8 +555,8 @@ def load_settings(
         upstream_key_env=key_env, upstream_timeout_s=timeout, upstream_connect_timeout_s=connect,
         upstream_max_connections=max_conn, database=database, db_synchronous=synchronous,
         db_pool_size=pool, db_reclaim_after_s=reclaim,
-        logs_dir=Path(env.get("COSTWALL_LOG_DIR", str(raw.get("logs_dir", "logs")))),
-        reports_dir=Path(env.get("COSTWALL_REPORTS_DIR", str(raw.get("reports_dir", "reports")))),
+        logs_dir=_dir(env, "COSTWALL_LOG_DIR", raw, "logs_dir", "logs", base),
+        reports_dir=_dir(env, "COSTWALL_REPORTS_DIR", raw, "reports_dir", "reports", base),
         pricing_path=pricing_path, unknown_model=unknown_model, max_body_bytes=max_body,
         admin_token=admin_token, finance_token=finance_token, budgets=budgets,
         override_allow=override_allow, keys=keys, log_format=log_format, log_level=log_level,
@@ -389,3 +566,12 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     return settings, warnings
+
+
+def _dir(env: Mapping[str, str], var: str, raw: Mapping[str, Any], key: str, default: str,
+         base: Path) -> Path:
+    """A directory setting: the environment as given, else the file's (or default) value
+    resolved against the config file's folder."""
+    if env.get(var):
+        return Path(env[var])
+    return resolve_path(str(raw.get(key) or default), base)

@@ -120,3 +120,12 @@ class BudgetExceeded(GatewayError):
             "spent_usd": format_usd(self.spent),
         }  # exactly SPEC's five fields; reserved and the estimate are in the message
         return body
+
+
+class UpstreamAuthFailed(GatewayError):
+    """The upstream refused costwall's own key (401). Never relayed as a 401: the agent's
+    virtual key is fine, and the upstream's message may quote part of the gateway's key."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_auth_failed"

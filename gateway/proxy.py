@@ -34,6 +34,7 @@ from gateway.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
     UnknownModel,
+    UpstreamAuthFailed,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -263,6 +264,10 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
         # All headers as one list: the response builds its header dict once from it.
         out = client_response_headers(upstream.headers.items(), key)
         out += _our_headers(gw, call)
+        if upstream.status == 401:  # the upstream refused costwall's key, not the agent's
+            return upstream_auth_failed(settings.upstream_key_env, out)
+        if upstream.status == 403:  # relayed as is, marked as the upstream's refusal
+            out.append(("X-Costwall-Upstream-Auth", "forbidden"))
         response = web.Response(status=upstream.status, body=redact_key(body, key), headers=out)
         response.headers["X-Costwall-Cost-Usd"] = format_usd(call.entry.cost if call.entry else 0)
         remaining = gw.budgets.remaining(call.reservation) if call.reservation else None
@@ -271,6 +276,21 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
         return response
     finally:
         upstream.release()
+
+
+def upstream_auth_failed(key_env: str, headers: list[tuple[str, str]]) -> web.Response:
+    """A 502 that says whose key failed: agents must not blame (or rotate) their virtual key.
+    ``x-should-retry: false``: retrying cannot help until the operator fixes the key."""
+    where = f" (environment variable {key_env})" if key_env else " (none is configured)"
+    error = UpstreamAuthFailed(
+        "The upstream API rejected costwall's own upstream key; your virtual key is fine. "
+        f"The gateway operator must fix the upstream key{where}.")
+    headers = [(k, v) for k, v in headers
+               if k.lower() not in ("content-type", "content-length", "content-encoding",
+                                    "www-authenticate")]
+    headers += [("X-Costwall-Upstream-Auth", "failed"), ("x-should-retry", "false")]
+    return web.Response(status=error.status, body=error.to_json(), headers=headers,
+                        content_type="application/json")
 
 
 @functools.lru_cache(maxsize=8)
@@ -427,6 +447,9 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
         async with gw.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(
                 total=gw.settings.upstream_timeout_s)) as upstream:
             key = gw.settings.upstream_key
+            if upstream.status == 401:  # costwall's key, not the agent's (see forward)
+                return upstream_auth_failed(gw.settings.upstream_key_env, [
+                    ("X-Costwall-Request-Id", request[REQUEST_ID_KEY])])
             response = web.Response(status=upstream.status,
                                     body=redact_key(await upstream.read(), key))
             for name, value in client_response_headers(upstream.headers.items(), key):

@@ -1,6 +1,9 @@
 """Regenerate config/pricing.yaml from a LiteLLM-style price JSON (per-token floats).
 
-Run once when prices change: ``python tools/gen_pricing.py ../shared/data/openai-prices.json``.
+Run once when prices change: ``python tools/gen_pricing.py ../shared/data/openai-prices.json``
+prints the table; with ``--write`` it writes it to both config/pricing.yaml (the repository's
+table) and gateway/data/pricing.yaml (the copy shipped inside the package, used when a config
+sets no ``pricing``). tests/test_install.py fails while the two differ.
 Floats are only read here, turned into exact decimals per 1M tokens via their shortest repr.
 """
 
@@ -66,5 +69,24 @@ def main(path: str) -> None:
     print("\n".join(out))
 
 
+def write_both(path: str) -> None:
+    """Generate once and write the same bytes to the repository's and the package's table."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        main(path)
+    for target in (root / "config" / "pricing.yaml", root / "gateway" / "data" / "pricing.yaml"):
+        target.write_text(buffer.getvalue(), encoding="utf-8")
+        print(f"wrote {target}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    if args[:1] == ["--write"]:
+        write_both(args[1])
+    else:
+        main(args[0])
