@@ -68,6 +68,12 @@ class VirtualKey:
     tenant: str
     agent: str = "default"
     can_override: bool = False
+    # Agent types ``X-Costwall-Agent`` may name besides ``agent`` ("*": any, cooperative).
+    agents: frozenset[str] = frozenset()
+
+    def allows_agent(self, agent: str) -> bool:
+        """Whether this key may attribute a request to ``agent`` (its own is always allowed)."""
+        return agent == self.agent or agent in self.agents or "*" in self.agents
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +268,13 @@ def _parse_keys(raw: Any, problems: list[str]) -> tuple[VirtualKey, ...]:
             problems.append(f"{where}.tenant: required; letters, digits and . _ : @ - only")
         agent = str(spec.get("agent", "default"))
         can_override = _bool(spec.get("can_override", False), f"{where}.can_override", problems)
-        keys.append(VirtualKey(name, digest, tenant, agent, can_override))
+        agents = spec.get("agents", [])
+        if not isinstance(agents, list) or not all(
+                a == "*" or (isinstance(a, str) and _ID_RE.match(a)) for a in agents):
+            problems.append(f"{where}.agents: a list of agent types (letters, digits and "
+                            ". _ : @ - only), or [\"*\"] for any")
+            agents = []
+        keys.append(VirtualKey(name, digest, tenant, agent, can_override, frozenset(agents)))
     digests = [k.key_sha256 for k in keys]
     if len(digests) != len(set(digests)):
         problems.append("keys: two entries share the same secret")

@@ -165,7 +165,14 @@ async def admit(gw: Gateway, request: web.Request, endpoint: str) -> Call:
             endpoint != "embeddings" and price.kind == "embedding"):
         raise BadRequest(f"The model '{model[:100]}' does not support this endpoint.",
                          param="model")
-    agent = _header(request, "X-Costwall-Agent") or key.agent
+    agent = _header(request, "X-Costwall-Agent")
+    if agent is None:
+        agent = key.agent
+    elif not key.allows_agent(agent):  # else a header could leave a capped agent scope
+        raise Forbidden(f"Key '{key.name}' may not attribute requests to agent type "
+                        f"'{agent}' (X-Costwall-Agent may name only the agent types in the "
+                        "key's agents list).", param="X-Costwall-Agent",
+                        code="agent_not_allowed")
     campaign = _header(request, "X-Costwall-Campaign")
     task = _header(request, "X-Costwall-Task")
     override_reason = requested_override(request, key)
@@ -307,6 +314,9 @@ async def relay_stream(
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     meter = StreamMeter(call.endpoint, strip_usage_chunk=call.strip_usage)
+    # The meter hands out whole events only, so an echoed upstream key never straddles two
+    # writes: redacting each write catches it (one substring search per write).
+    key = gw.settings.upstream_key
     client_alive, upstream_cut = True, False
     await response.prepare(request)
     first = time.perf_counter()
@@ -314,6 +324,8 @@ async def relay_stream(
         async for chunk in upstream.content.iter_any():
             out = meter.feed(chunk)
             if out:
+                if key:
+                    out = redact_key(out, key)
                 try:
                     await response.write(out)
                 except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -338,7 +350,7 @@ async def relay_stream(
     elif client_alive:
         try:
             if tail:
-                await response.write(tail)
+                await response.write(redact_key(tail, key))
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass
@@ -392,9 +404,11 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         )
         try:
             await gw.ledger.begin(call.entry)
-        except Exception:
+        except Exception as exc:
             call.entry = None
-            log.exception("ledger unavailable; request %s not forwarded", call.id)
+            # One line, no traceback: a full disk would otherwise flood the log per request.
+            log.error("ledger unavailable; request %s not forwarded: %s: %s", call.id,
+                      type(exc).__name__, exc)
             raise ServiceUnavailable(
                 "costwall cannot record this request (its ledger is unavailable), so it was "
                 "not forwarded. Try again shortly.", code="ledger_unavailable") from None
