@@ -123,6 +123,10 @@ class Settings:
     access_log: bool = True  # one line per proxied request (logging.access)
     invoice_company: str = "costwall"
     shutdown_grace_s: float = 30.0
+    # A connection must send a complete request head within this long of opening (or of its
+    # previous response), else it is closed: slowloris clients cannot pin connections.
+    header_timeout_s: float = 30.0
+    secure_cookies: bool = False  # admin.secure_cookies: the session cookie is always Secure
 
 
 def hash_key(secret: str) -> str:
@@ -384,6 +388,9 @@ def load_settings(
     max_body = _int(limits.get("max_body_bytes", DEFAULT_MAX_BODY),
                     "limits.max_body_bytes", problems, 1024, 2**31)
     grace = _number(limits.get("shutdown_grace_s", 30), "limits.shutdown_grace_s", problems)
+    header_timeout = _number(limits.get("header_timeout_s", 30), "limits.header_timeout_s",
+                             problems)
+    secure_cookies = _bool(admin.get("secure_cookies", False), "admin.secure_cookies", problems)
 
     settings = Settings(
         host=host, port=port, upstream_url=upstream_url.rstrip("/"), upstream_key=upstream_key,
@@ -396,7 +403,8 @@ def load_settings(
         admin_token=admin_token, finance_token=finance_token, budgets=budgets,
         override_allow=override_allow, keys=keys, log_format=log_format, log_level=log_level,
         access_log=access_log, invoice_company=str(invoices.get("company", "costwall")),
-        shutdown_grace_s=grace,
+        shutdown_grace_s=grace, header_timeout_s=header_timeout,
+        secure_cookies=secure_cookies,
     )
     if problems:
         raise ConfigError(problems)

@@ -34,6 +34,7 @@ from gateway.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
     UnknownModel,
+    UnsupportedEncoding,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -93,8 +94,42 @@ class Call:
 
 
 # -- request stages ---------------------------------------------------------------------------
+def _decoded_encodings() -> frozenset[str]:
+    """The request ``Content-Encoding`` values aiohttp inflates before the handler reads."""
+    from aiohttp import http_parser
+
+    found = {"gzip", "deflate"}
+    if getattr(http_parser, "HAS_BROTLI", False):
+        found.add("br")
+    if getattr(http_parser, "HAS_ZSTD", False):
+        found.add("zstd")
+    return frozenset(found)
+
+
+DECODED_ENCODINGS = _decoded_encodings()
+
+
+def check_content_encoding(request: web.Request) -> None:
+    """415 for a compressed body aiohttp does not inflate (``compress``, a list, ``br``
+    without Brotli...): its bytes would otherwise be parsed, or forwarded, as they are."""
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is None:
+        return
+    value = encoding.lower()  # as aiohttp matches it (it has stripped the value)
+    if value in ("", "identity") or value in DECODED_ENCODINGS:
+        return
+    raise UnsupportedEncoding(
+        f"Content-Encoding '{encoding[:50]}' is not supported; send the body uncompressed "
+        f"or as one of: {', '.join(sorted(DECODED_ENCODINGS))}.", param="Content-Encoding")
+
+
 async def read_payload(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
-    """The body as bytes and as a JSON object; 413 past ``limit``, 400 if not a JSON object."""
+    """The body as bytes and as a JSON object; 413 past ``limit``, 400 if not a JSON object.
+
+    A gzip or deflate body arrives inflated (aiohttp decodes it); it is forwarded inflated,
+    without the ``Content-Encoding`` header (``headers.upstream_request_headers``).
+    """
+    check_content_encoding(request)
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
     try:
