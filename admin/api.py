@@ -131,7 +131,8 @@ async def post_key(request: web.Request) -> web.Response:
     can_override = validate.flag(body.get("can_override", False), "can_override")
     view, secret = await ops.create_key(request.app[GATEWAY], body.get("name"),
                                         body.get("tenant"), body.get("agent") or "default",
-                                        can_override, principal(request).actor)
+                                        can_override, principal(request).actor,
+                                        body.get("agents"))
     return reply({**view.as_json(), "key": secret,
                   "note": "Store this key now: it is not shown again."}, status=201)
 

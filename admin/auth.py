@@ -150,6 +150,9 @@ class AdminAuth:
                         (("admin", settings.admin_token), ("finance", settings.finance_token))
                         if tok]
         self.closed = settings.admin_token is None
+        # Behind a TLS-terminating proxy the request itself is plain HTTP, so only the
+        # setting (admin.secure_cookies) can mark the session cookie Secure there.
+        self.secure_cookies = settings.secure_cookies
         self.sessions = SessionStore()
         self.limiter = FailureLimiter()
 

@@ -35,11 +35,12 @@ async def create_key(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     form = await read_form(request)
     values = {k: form_text(form, k, 200) for k in ("name", "tenant", "agent")}
+    values["agents"] = form_text(form, "agents", 4000)
     try:
         created, secret = await ops.create_key(
             gw, values["name"], values["tenant"], values["agent"],
             ops.ensure_form_bool(form_text(form, "can_override", 200) or None),
-            principal(request).actor)
+            principal(request).actor, values["agents"])
     except GatewayError as exc:
         return await _page(request, exc.status, key_error=exc.message, form=values)
     return await _page(request, created=created, secret=secret)

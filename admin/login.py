@@ -71,7 +71,8 @@ async def login_submit(request: web.Request) -> web.Response:
     log.info("admin login: role %s from %s", role, ip)
     response = web.HTTPSeeOther(target)
     response.set_cookie(COOKIE, session.id, max_age=SESSION_TTL_S, path="/admin",
-                        httponly=True, samesite="Strict", secure=request.secure)
+                        httponly=True, samesite="Strict",
+                        secure=request.secure or auth.secure_cookies)
     raise response
 
 

@@ -188,6 +188,7 @@ class KeyView:
     prefix: str = ""
     created_at: str | None = None
     revoked_at: str | None = None
+    agents: tuple[str, ...] = ()  # further agent types X-Costwall-Agent may name
 
     @property
     def active(self) -> bool:
@@ -197,7 +198,8 @@ class KeyView:
         return {"name": self.name, "tenant": self.tenant, "agent": self.agent,
                 "can_override": self.can_override, "source": self.source,
                 "prefix": self.prefix, "created_at": self.created_at,
-                "revoked_at": self.revoked_at, "active": self.active}
+                "revoked_at": self.revoked_at, "active": self.active,
+                "agents": list(self.agents)}
 
 
 def _iso(value: Any) -> str | None:
@@ -206,10 +208,11 @@ def _iso(value: Any) -> str | None:
 
 async def keys(gw: Gateway) -> list[KeyView]:
     """Config keys (not revocable here) and admin-created keys, revoked ones included."""
-    views = [KeyView(k.name, k.tenant, k.agent, k.can_override, "config")
+    views = [KeyView(k.name, k.tenant, k.agent, k.can_override, "config",
+                     agents=tuple(sorted(k.agents)))
              for k in gw.keys.configured]
     views += [KeyView(r.name, r.tenant, r.agent, r.can_override, "admin", r.prefix,
-                      _iso(r.created_at), _iso(r.revoked_at))
+                      _iso(r.created_at), _iso(r.revoked_at), r.agents)
               for r in await gw.ledger.keys()]
     return views
 
@@ -219,11 +222,16 @@ def _lock(gw: Gateway) -> asyncio.Lock:
 
 
 async def create_key(gw: Gateway, name: Any, tenant: Any, agent: Any, can_override: bool,
-                     actor: str) -> tuple[KeyView, str]:
-    """A new virtual key; returns its secret, which is never stored or shown again."""
+                     actor: str, agents: Any = None) -> tuple[KeyView, str]:
+    """A new virtual key; returns its secret, which is never stored or shown again.
+
+    ``agents``: further agent types the key may name in ``X-Costwall-Agent`` (its own
+    ``agent`` always); any other value is refused with 403, so the agent caps hold.
+    """
     name = validate.name(name, "name")
     tenant = validate.name(tenant, "tenant")
     agent = validate.name(agent or "default", "agent")
+    extra = validate.agents(agents)
     async with _lock(gw):
         taken = {k.name for k in gw.keys.configured} | {r.name for r in await gw.ledger.keys()}
         if name in taken:
@@ -231,13 +239,14 @@ async def create_key(gw: Gateway, name: Any, tenant: Any, agent: Any, can_overri
                            "also after a revoke).", param="name")
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         record = KeyRecord(name, hash_key(secret), tenant, agent, can_override,
-                           gw.clock(), None, secret[:len(SECRET_PREFIX) + 4])
+                           gw.clock(), None, secret[:len(SECRET_PREFIX) + 4], extra)
         await gw.ledger.add_key(record)
         gw.keys.reload(await gw.ledger.keys())
     gw.record_admin(actor, "key.create", f"key:{name}",
-                    f"tenant={tenant} agent={agent} can_override={str(can_override).lower()}")
+                    f"tenant={tenant} agent={agent} can_override={str(can_override).lower()}"
+                    + (f" agents={','.join(extra)}" if extra else ""))
     return KeyView(name, tenant, agent, can_override, "admin", record.prefix,
-                   _iso(record.created_at)), secret
+                   _iso(record.created_at), None, extra), secret
 
 
 async def revoke_key(gw: Gateway, name: str, actor: str) -> None:

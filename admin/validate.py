@@ -95,6 +95,28 @@ def name(value: Any, field: str) -> str:
     return value.strip()
 
 
+def agents(value: Any) -> tuple[str, ...]:
+    """A key's further agent types: a list of names (or one comma/space-separated string)."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if not isinstance(value, list) or len(value) > 100:
+        raise BadInput("agents must be a list of at most 100 agent types.", param="agents")
+    out: list[str] = []
+    for item in value:
+        if item == "*":
+            raise BadInput("agents: '*' (any agent type) can only be set in the config file.",
+                           param="agents")
+        if not isinstance(item, str) or not NAME_RE.match(item.strip()):
+            raise BadInput("agents: each agent type is up to 128 letters, digits or . _ : @ - "
+                           "(starting with a letter or digit).", param="agents")
+        item = item.strip()
+        if item not in out:
+            out.append(item)
+    return tuple(out)
+
+
 def reason(value: Any, required: bool) -> str:
     """A one-line reason for the audit trail (whitespace collapsed, at most 500 chars)."""
     if value is None:

@@ -154,8 +154,13 @@ def _shared(settings: Settings) -> bool:
 def create_app(settings: Settings, **parts: object) -> web.Application:
     """The whole gateway as one aiohttp application (proxy, admin, metrics, health)."""
     gw = build_gateway(settings, **parts)  # type: ignore[arg-type]
+    # aiohttp's keep-alive timer also runs while a connection waits for (the rest of) a
+    # request head, from its opening or its previous response: set to limits.header_timeout_s
+    # it closes slowloris connections that never finish their head (handler_args reach every
+    # connection, whichever runner serves the app).
     app = web.Application(middlewares=[error_middleware],
-                          client_max_size=settings.max_body_bytes)
+                          client_max_size=settings.max_body_bytes,
+                          handler_args={"keepalive_timeout": settings.header_timeout_s})
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources(gw))
     setup_routes(app)

@@ -71,13 +71,13 @@ SECTION_KEYS: dict[str, frozenset[str]] = {
     "upstream": frozenset({"base_url", "api_key_env", "timeout_s", "connect_timeout_s",
                            "max_connections"}),
     "ledger": frozenset({"synchronous", "pool_size", "reclaim_after_s"}),
-    "admin": frozenset({"token_env", "finance_token_env"}),
+    "admin": frozenset({"token_env", "finance_token_env", "secure_cookies"}),
     "budgets": frozenset({"timezone", "warn_at", "near_cap", "min_output_tokens", "global",
                           "tenants", "agents", "campaigns", "keys"}),
     "budget_entry": frozenset({"monthly_usd"}),
     "key": frozenset({"name", "key", "key_sha256", "tenant", "agent", "agents",
                       "can_override"}),
-    "limits": frozenset({"max_body_bytes", "shutdown_grace_s"}),
+    "limits": frozenset({"max_body_bytes", "shutdown_grace_s", "header_timeout_s"}),
     "logging": frozenset({"format", "level", "access"}),
     "invoices": frozenset({"company"}),
     "override": frozenset({"allow"}),
@@ -178,6 +178,12 @@ class VirtualKey:
     tenant: str
     agent: str = "default"
     can_override: bool = False
+    # Agent types ``X-Costwall-Agent`` may name besides ``agent`` ("*": any, cooperative).
+    agents: frozenset[str] = frozenset()
+
+    def allows_agent(self, agent: str) -> bool:
+        """Whether this key may attribute a request to ``agent`` (its own is always allowed)."""
+        return agent == self.agent or agent in self.agents or "*" in self.agents
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +233,10 @@ class Settings:
     access_log: bool = True  # one line per proxied request (logging.access)
     invoice_company: str = "costwall"
     shutdown_grace_s: float = 30.0
+    # A connection must send a complete request head within this long of opening (or of its
+    # previous response), else it is closed: slowloris clients cannot pin connections.
+    header_timeout_s: float = 30.0
+    secure_cookies: bool = False  # admin.secure_cookies: the session cookie is always Secure
 
 
 def hash_key(secret: str) -> str:
@@ -379,7 +389,6 @@ def _parse_keys(raw: Any, problems: list[str]) -> tuple[VirtualKey, ...]:
         return ()
     keys: list[VirtualKey] = []
     names: set[str] = set()
-    with_agents = "agents" in getattr(VirtualKey, "__dataclass_fields__", {})
     for i, spec in enumerate(raw):
         where = f"keys[{i}]"
         if not isinstance(spec, Mapping):
@@ -408,16 +417,13 @@ def _parse_keys(raw: Any, problems: list[str]) -> tuple[VirtualKey, ...]:
         if not _ID_RE.match(agent):
             problems.append(f"{where}.agent: {agent[:60]!r} is not a valid id: {_ID_HINT}")
         can_override = _bool(spec.get("can_override", False), f"{where}.can_override", problems)
-        extra: dict[str, Any] = {}
-        agents = spec.get("agents")
-        if agents is not None:
-            if not isinstance(agents, list) or not all(
-                    isinstance(a, str) and _ID_RE.match(a) for a in agents):
-                problems.append(f"{where}.agents: expected a list of agent types, "
-                                f"e.g. [content, support] ({_ID_HINT})")
-            elif with_agents:
-                extra["agents"] = tuple(agents)
-        keys.append(VirtualKey(name, digest, tenant, agent, can_override, **extra))
+        agents = spec.get("agents", [])
+        if not isinstance(agents, list) or not all(
+                a == "*" or (isinstance(a, str) and _ID_RE.match(a)) for a in agents):
+            problems.append(f"{where}.agents: expected a list of agent types, e.g. "
+                            f"[content, support] ({_ID_HINT}), or [\"*\"] for any")
+            agents = []
+        keys.append(VirtualKey(name, digest, tenant, agent, can_override, frozenset(agents)))
     digests = [k.key_sha256 for k in keys]
     if len(digests) != len(set(digests)):
         problems.append("keys: two entries share the same secret")
@@ -549,6 +555,9 @@ def _settings(raw: Mapping[str, Any], base: Path, pricing_path: Path, env: Mappi
     max_body = _int(limits.get("max_body_bytes", DEFAULT_MAX_BODY),
                     "limits.max_body_bytes", problems, 1024, 2**31)
     grace = _number(limits.get("shutdown_grace_s", 30), "limits.shutdown_grace_s", problems)
+    header_timeout = _number(limits.get("header_timeout_s", 30), "limits.header_timeout_s",
+                             problems)
+    secure_cookies = _bool(admin.get("secure_cookies", False), "admin.secure_cookies", problems)
 
     settings = Settings(
         host=host, port=port, upstream_url=upstream_url.rstrip("/"), upstream_key=upstream_key,
@@ -561,7 +570,8 @@ def _settings(raw: Mapping[str, Any], base: Path, pricing_path: Path, env: Mappi
         admin_token=admin_token, finance_token=finance_token, budgets=budgets,
         override_allow=override_allow, keys=keys, log_format=log_format, log_level=log_level,
         access_log=access_log, invoice_company=str(invoices.get("company", "costwall")),
-        shutdown_grace_s=grace,
+        shutdown_grace_s=grace, header_timeout_s=header_timeout,
+        secure_cookies=secure_cookies,
     )
     if problems:
         raise ConfigError(problems)

@@ -70,6 +70,12 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class UnsupportedEncoding(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+
 class UpstreamUnavailable(GatewayError):
     status = 502
     type = "upstream_error"

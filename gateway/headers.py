@@ -13,9 +13,10 @@ HOP_BY_HOP = frozenset({
     "connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade",
     "proxy-authenticate", "proxy-authorization", "trailer", "trailers",
 })
-# Replaced or recomputed by the gateway, or meaningful only to it.
+# Replaced or recomputed by the gateway, or meaningful only to it. The body is forwarded
+# uncompressed (the server inflated a gzip/deflate body), so its Content-Encoding goes too.
 _REQUEST_DROP = HOP_BY_HOP | {
-    "host", "authorization", "content-length", "accept-encoding", "cookie",
+    "host", "authorization", "content-length", "accept-encoding", "cookie", "content-encoding",
     "openai-organization", "openai-project", "x-forwarded-for", "forwarded",
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date"}

@@ -21,10 +21,11 @@ class KeyRing:
         for r in stored:
             if r.revoked_at is None:
                 by_hash[r.key_sha256] = VirtualKey(r.name, r.key_sha256, r.tenant, r.agent,
-                                                   r.can_override)
+                                                   r.can_override, frozenset(r.agents))
         self._by_hash = by_hash
         self.tenants = frozenset(k.tenant for k in by_hash.values())
-        self.agents = frozenset(k.agent for k in by_hash.values())
+        self.agents = frozenset(k.agent for k in by_hash.values()).union(
+            *(k.agents - {"*"} for k in by_hash.values()))
         self.names = frozenset(k.name for k in by_hash.values())
 
     def authenticate(self, authorization: str | None) -> VirtualKey:

@@ -68,6 +68,7 @@ class KeyRecord:
     created_at: datetime
     revoked_at: datetime | None = None
     prefix: str = ""
+    agents: tuple[str, ...] = ()  # further agent types X-Costwall-Agent may name
 
 
 @dataclass(frozen=True, slots=True)

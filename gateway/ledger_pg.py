@@ -353,16 +353,16 @@ class PostgresLedger:
     async def keys(self) -> list[KeyRecord]:
         rows = await self.pool.fetch(
             "SELECT name, key_sha256, tenant, agent, can_override, created_at, revoked_at, "
-            "prefix FROM api_keys ORDER BY created_at, name")
-        return [KeyRecord(*r) for r in rows]
+            "prefix, agents FROM api_keys ORDER BY created_at, name")
+        return [KeyRecord(*r[:8], tuple(r[8])) for r in rows]
 
     async def add_key(self, record: KeyRecord) -> None:
         await self._change(
             "keys",
             "INSERT INTO api_keys (name, key_sha256, tenant, agent, can_override, created_at, "
-            "revoked_at, prefix) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)",
+            "revoked_at, prefix, agents) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $8)",
             record.name, record.key_sha256, record.tenant, record.agent, record.can_override,
-            record.created_at, record.prefix)
+            record.created_at, record.prefix, list(record.agents))
 
     async def revoke_key(self, name: str, when: datetime) -> bool:
         status = await self._change(

@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -69,6 +71,10 @@ MIGRATIONS: list[str] = [
         revoked_at TEXT, prefix TEXT NOT NULL
     );
     """,
+    # 2: the further agent types a key may name in X-Costwall-Agent (space-separated)
+    """
+    ALTER TABLE api_keys ADD COLUMN agents TEXT NOT NULL DEFAULT ''
+    """,
 ]
 
 _INSERT_PENDING = (
@@ -88,9 +94,13 @@ _RECOVER_PENDING = (
     "UPDATE requests SET state = 'settled', cost = reserved, usage_source = 'reserved' "
     "WHERE state = 'pending'"
 )
+# A write that ``ping`` tries while commits are failing, so readiness comes back on its own.
+_PROBE = ("INSERT INTO settings (key, value, updated_at) VALUES ('ledger.probe', '', ?) "
+          "ON CONFLICT (key) DO UPDATE SET updated_at = excluded.updated_at")
 _BATCH = 512
 _BACKLOG = 2048  # queued writes beyond which ``begin`` waits for its commit (back-pressure)
 CHECKPOINT_EVERY = 256  # writer commits between WAL checkpoints (in the writer thread)
+IDENTITY_CHECK_S = 0.2  # ``begin`` re-checks that the database file is still there this often
 # (sql, params, future of a caller waiting for the commit, journal segment of the row)
 Write = tuple[str, tuple[Any, ...], "asyncio.Future[None] | None", int | None]
 
@@ -118,6 +128,33 @@ def _row(entry: LedgerEntry) -> tuple[Any, ...]:
 
 
 Batch = list[tuple[str, list[tuple[Any, ...]]]]
+FileId = tuple[int, int]  # (st_dev, st_ino)
+
+
+class StorageLost(sqlite3.OperationalError):
+    """The database file was deleted, renamed or replaced under the running gateway.
+
+    SQLite keeps working through its open descriptor, so without this check the gateway
+    would go on answering 200 and committing into an unlinked file that nobody will ever
+    read again (and after a restart every cap would start from zero).
+    """
+
+
+def file_id(path: Path) -> FileId | None:
+    """The identity of the file now at ``path`` (None if there is none)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_file(path: Path, expected: FileId | None) -> None:
+    """Raise ``StorageLost`` unless ``path`` is still the file the ledger opened."""
+    if expected is not None and file_id(path) != expected:
+        raise StorageLost(f"the ledger database {path} was deleted, renamed or replaced "
+                          "while costwall was running; restart costwall (requests are "
+                          "refused until then)")
 
 
 class _WriteConnection:
@@ -129,6 +166,7 @@ class _WriteConnection:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="costwall-ledger-writer")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self.identity: FileId | None = None  # the database file this connection opened
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -142,6 +180,7 @@ class _WriteConnection:
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
         self._conn = conn
+        self.identity = file_id(self._path)
 
     async def transaction(self, batch: Batch) -> None:
         """Run every statement of ``batch`` (``executemany`` each) in one transaction."""
@@ -150,6 +189,8 @@ class _WriteConnection:
     def _transaction(self, batch: Batch) -> None:
         if self._conn is None:
             raise sqlite3.ProgrammingError("the ledger's write connection is closed")
+        # One stat per batch, in this thread: a commit into a deleted file is lost.
+        check_file(self._path, self.identity)
         _transaction(self._conn, batch)
 
     async def checkpoint(self) -> None:
@@ -164,6 +205,7 @@ class _WriteConnection:
 
     def _checkpoint(self) -> None:
         if self._conn is not None:
+            check_file(self._path, self.identity)
             self._conn.execute("PRAGMA wal_checkpoint(RESTART)")
 
     @property
@@ -269,9 +311,15 @@ class SqliteLedger:
         self._journaling = synchronous == "NORMAL"
         self._healthy = True  # the writer's last commit succeeded
         self._commits = 0
+        self._checked_at = 0.0  # monotonic time of the last database file identity check
+        self._lost: StorageLost | None = None  # set while the database file is missing
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.path.parent, os.W_OK):
+            # SQLite must create the WAL and its shared-memory file beside the database;
+            # opening a WAL database in a read-only directory is the one way to a SIGBUS.
+            raise PermissionError(f"the ledger directory {self.path.parent} is not writable")
         self._queue = asyncio.Queue()
         self._writer = _WriteConnection(self.path, self.synchronous)
         await self._writer.open()
@@ -362,12 +410,31 @@ class SqliteLedger:
         self._journal.settle_all()
 
     # -- the request path --------------------------------------------------------------------
+    def _check_storage(self, force: bool = False) -> None:
+        """Raise ``StorageLost`` if the database file is gone (a stat every
+        ``IDENTITY_CHECK_S`` at most, so the request path pays next to nothing)."""
+        now = time.monotonic()
+        if force or now - self._checked_at >= IDENTITY_CHECK_S:
+            self._checked_at = now
+            writer = self._writer
+            try:
+                check_file(self.path, writer.identity if writer is not None else None)
+            except StorageLost as exc:
+                if self._lost is None:
+                    log.error("%s", exc)
+                self._lost = exc
+            else:
+                self._lost = None
+        if self._lost is not None:
+            raise self._lost
+
     async def begin(self, entry: LedgerEntry) -> None:
         entry.replica = self.replica
         row = _row(entry)
         writer = self._writer
         if writer is None or writer.closed:
             raise sqlite3.ProgrammingError("the ledger's write connection is closed")
+        self._check_storage()
         if self._journaling and self._healthy and self._queue.qsize() < _BACKLOG:
             seq = self._journal.append(row)  # durable against a crash from here on
             self._queue.put_nowait((_INSERT_PENDING, row, None, seq))
@@ -414,8 +481,16 @@ class SqliteLedger:
         # (``SELECT 1`` alone would succeed without touching the database file).
         if self._task is None or self._task.done():
             return False
+        # Never a new connection here: opening a WAL database whose directory turned
+        # read-only is what can map its ``-shm`` badly. Two ``access`` calls say whether
+        # the journal and SQLite can still create and write their files.
+        if not (os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK)):
+            return False
         try:
+            self._check_storage(force=True)
             await self._fetch("SELECT MAX(version) FROM schema_version")
+            if not self._healthy:  # the last commit failed (a full disk?): is it over?
+                await self._write(_PROBE, (_ts(datetime.now(UTC)),))
         except Exception:
             return False
         return True
@@ -488,20 +563,21 @@ class SqliteLedger:
     async def keys(self) -> list[KeyRecord]:
         rows = await self._fetch(
             "SELECT name, key_sha256, tenant, agent, can_override, created_at, revoked_at, "
-            "prefix FROM api_keys ORDER BY created_at"
+            "prefix, agents FROM api_keys ORDER BY created_at"
         )
         return [
             KeyRecord(r[0], r[1], r[2], r[3], bool(r[4]), _parse_ts(r[5]),  # type: ignore[arg-type]
-                      _parse_ts(r[6]), r[7])
+                      _parse_ts(r[6]), r[7], tuple(r[8].split()))
             for r in rows
         ]
 
     async def add_key(self, record: KeyRecord) -> None:
         await self._write(
             "INSERT INTO api_keys (name, key_sha256, tenant, agent, can_override, created_at, "
-            "revoked_at, prefix) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+            "revoked_at, prefix, agents) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
             (record.name, record.key_sha256, record.tenant, record.agent,
-             int(record.can_override), _ts(record.created_at), record.prefix),
+             int(record.can_override), _ts(record.created_at), record.prefix,
+             " ".join(record.agents)),
         )
 
     async def revoke_key(self, name: str, when: datetime) -> bool:

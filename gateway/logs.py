@@ -94,6 +94,26 @@ class TextFormatter(logging.Formatter):
         finally:
             del record.rid, record.kv
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line without its traceback; a message with a newline or another control
+        character (a model name from a request, say) is escaped, so it cannot forge a line."""
+        if not record.message.isprintable():
+            record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every non-printable character as a visible escape (``\\n``, ``\\x1b``).
+
+    Only called when ``str.isprintable`` says there is something to escape (rare), so the
+    common line pays one C-level scan.
+    """
+    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch) or (
+        f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}") for ch in text)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
 
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
 
@@ -102,6 +122,8 @@ def _text_value(value: Any) -> str:
     if type(value) is int:  # no character of an int needs quoting
         return str(value)
     text = str(value)
+    if not text.isprintable():  # a newline or a control character: never a raw one
+        return '"' + escape_controls(text).replace('"', '\\"') + '"'
     if not text or _NEEDS_QUOTES.search(text):
         return orjson.dumps(text).decode()
     return text

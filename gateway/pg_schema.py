@@ -71,6 +71,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (period, scope, id, threshold)
     );
     """,
+    # 2: the further agent types a key may name in X-Costwall-Agent
+    """
+    ALTER TABLE api_keys ADD COLUMN agents TEXT[] NOT NULL DEFAULT '{}';
+    """,
 ]
 
 

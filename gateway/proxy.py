@@ -34,6 +34,7 @@ from gateway.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
     UnknownModel,
+    UnsupportedEncoding,
     UpstreamAuthFailed,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -94,8 +95,42 @@ class Call:
 
 
 # -- request stages ---------------------------------------------------------------------------
+def _decoded_encodings() -> frozenset[str]:
+    """The request ``Content-Encoding`` values aiohttp inflates before the handler reads."""
+    from aiohttp import http_parser
+
+    found = {"gzip", "deflate"}
+    if getattr(http_parser, "HAS_BROTLI", False):
+        found.add("br")
+    if getattr(http_parser, "HAS_ZSTD", False):
+        found.add("zstd")
+    return frozenset(found)
+
+
+DECODED_ENCODINGS = _decoded_encodings()
+
+
+def check_content_encoding(request: web.Request) -> None:
+    """415 for a compressed body aiohttp does not inflate (``compress``, a list, ``br``
+    without Brotli...): its bytes would otherwise be parsed, or forwarded, as they are."""
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is None:
+        return
+    value = encoding.lower()  # as aiohttp matches it (it has stripped the value)
+    if value in ("", "identity") or value in DECODED_ENCODINGS:
+        return
+    raise UnsupportedEncoding(
+        f"Content-Encoding '{encoding[:50]}' is not supported; send the body uncompressed "
+        f"or as one of: {', '.join(sorted(DECODED_ENCODINGS))}.", param="Content-Encoding")
+
+
 async def read_payload(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
-    """The body as bytes and as a JSON object; 413 past ``limit``, 400 if not a JSON object."""
+    """The body as bytes and as a JSON object; 413 past ``limit``, 400 if not a JSON object.
+
+    A gzip or deflate body arrives inflated (aiohttp decodes it); it is forwarded inflated,
+    without the ``Content-Encoding`` header (``headers.upstream_request_headers``).
+    """
+    check_content_encoding(request)
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
     try:
@@ -166,7 +201,14 @@ async def admit(gw: Gateway, request: web.Request, endpoint: str) -> Call:
             endpoint != "embeddings" and price.kind == "embedding"):
         raise BadRequest(f"The model '{model[:100]}' does not support this endpoint.",
                          param="model")
-    agent = _header(request, "X-Costwall-Agent") or key.agent
+    agent = _header(request, "X-Costwall-Agent")
+    if agent is None:
+        agent = key.agent
+    elif not key.allows_agent(agent):  # else a header could leave a capped agent scope
+        raise Forbidden(f"Key '{key.name}' may not attribute requests to agent type "
+                        f"'{agent}' (X-Costwall-Agent may name only the agent types in the "
+                        "key's agents list).", param="X-Costwall-Agent",
+                        code="agent_not_allowed")
     campaign = _header(request, "X-Costwall-Campaign")
     task = _header(request, "X-Costwall-Task")
     override_reason = requested_override(request, key)
@@ -327,6 +369,9 @@ async def relay_stream(
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     meter = StreamMeter(call.endpoint, strip_usage_chunk=call.strip_usage)
+    # The meter hands out whole events only, so an echoed upstream key never straddles two
+    # writes: redacting each write catches it (one substring search per write).
+    key = gw.settings.upstream_key
     client_alive, upstream_cut = True, False
     await response.prepare(request)
     first = time.perf_counter()
@@ -334,6 +379,8 @@ async def relay_stream(
         async for chunk in upstream.content.iter_any():
             out = meter.feed(chunk)
             if out:
+                if key:
+                    out = redact_key(out, key)
                 try:
                     await response.write(out)
                 except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -358,7 +405,7 @@ async def relay_stream(
     elif client_alive:
         try:
             if tail:
-                await response.write(tail)
+                await response.write(redact_key(tail, key))
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass
@@ -412,9 +459,11 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         )
         try:
             await gw.ledger.begin(call.entry)
-        except Exception:
+        except Exception as exc:
             call.entry = None
-            log.exception("ledger unavailable; request %s not forwarded", call.id)
+            # One line, no traceback: a full disk would otherwise flood the log per request.
+            log.error("ledger unavailable; request %s not forwarded: %s: %s", call.id,
+                      type(exc).__name__, exc)
             raise ServiceUnavailable(
                 "costwall cannot record this request (its ledger is unavailable), so it was "
                 "not forwarded. Try again shortly.", code="ledger_unavailable") from None

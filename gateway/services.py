@@ -96,7 +96,9 @@ class Gateway:
 
     def record_settled(self, call: Call, cost: int, crossings: list[Crossing]) -> None:
         model = call.price.name
-        if call.status >= 400 or call.status == 0:
+        if call.entry is None:  # the ledger could not record it (503): never forwarded
+            outcome = "unavailable"
+        elif call.status >= 400 or call.status == 0:
             outcome = "upstream_error"
         elif call.override_reason is not None:
             outcome = "override"

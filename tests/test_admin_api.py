@@ -590,8 +590,9 @@ def test_cap_form_validates_and_applies(admin_stack: Stack) -> None:
 
 def test_request_text_is_escaped_on_every_page(admin_stack: Stack) -> None:
     s = admin_stack
-    chat(s, campaign=XSS, agent="<b>agent</b>",
-         task='"><img src=x onerror=alert(2)>')
+    chat(s, campaign=XSS, agent="content", task='"><img src=x onerror=alert(2)>')
+    with pytest.raises(openai.PermissionDeniedError):  # not one of the key's agent types
+        chat(s, agent="<b>agent</b>")
     api(s, "PUT", "budgets/tenant/acme", body={"monthly_usd": "0", "reason": "<i>why</i>"})
     with pytest.raises(openai.APIStatusError):
         chat(s, campaign=XSS, task='"><img src=x onerror=alert(2)>')
@@ -599,11 +600,10 @@ def test_request_text_is_escaped_on_every_page(admin_stack: Stack) -> None:
     b.login(ADMIN_TOKEN)
     for path in ("/admin", "/admin/logs", "/admin/logs?kind=blocked&scope=%3Cscript%3E"):
         html = b.get(path).body.decode()
-        assert "<script>alert(1)" not in html and "<b>agent</b>" not in html, path
+        assert "<script>alert(1)" not in html, path
         assert "<img src=x" not in html and "<i>why</i>" not in html, path
     dashboard = b.get("/admin").body.decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dashboard
-    assert "&lt;b&gt;agent&lt;/b&gt;" in dashboard
     logs = b.get("/admin/logs").body.decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in logs
     assert "&lt;i&gt;why&lt;/i&gt;" in logs

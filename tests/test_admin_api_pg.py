@@ -20,6 +20,9 @@ from tests.test_admin_api import (  # noqa: F401  (the tests themselves)
     test_override_toggle_is_enforced_audited_and_persisted,
     test_removing_a_cap_lifts_it_until_set_again,
 )
+from tests.test_hardening import (  # noqa: F401  (agents on admin-created keys, on PostgreSQL)
+    test_admin_created_keys_carry_their_agents_across_a_restart,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -124,8 +124,9 @@ def test_agent_and_key_scopes(tmp_path: Path) -> None:
             with pytest.raises(openai.APIStatusError) as info:
                 stack.client(key).chat.completions.create(model="gpt-4o-mini", messages=MSG)
             assert info.value.response.json()["budget"]["scope"] in ("agent", "key")
-        # The agent header chooses the agent scope: acme-content acting as "research" is blocked.
-        with pytest.raises(openai.APIStatusError):
+        # The agent header cannot leave the key's agent types: acme-content acting as
+        # "research" is refused (403) before any budget is looked at.
+        with pytest.raises(openai.PermissionDeniedError):
             stack.client().chat.completions.create(
                 model="gpt-4o-mini", messages=MSG, extra_headers={"X-Costwall-Agent": "research"})
         stack.client().chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=3)

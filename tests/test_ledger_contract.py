@@ -235,7 +235,8 @@ async def test_keys_add_and_revoke(backend: Backend) -> None:
     ledger = await backend.open()
     made = T0 + timedelta(seconds=1)
     a = KeyRecord("ci-bot", "a" * 64, "acme", "ci", False, T0, None, "sk-cw-abcd")
-    b = KeyRecord("ops-bot", "b" * 64, "globex", "ops", True, made, None, "sk-cw-efgh")
+    b = KeyRecord("ops-bot", "b" * 64, "globex", "ops", True, made, None, "sk-cw-efgh",
+                  ("ops-night", "ops.day"))  # further agent types round-trip too
     await ledger.add_key(b)
     await ledger.add_key(a)
     assert await ledger.keys() == [a, b]

@@ -165,8 +165,13 @@ def test_duration_buckets_resolve_fast_and_slow_requests(stack: Stack) -> None:
 
 
 def test_labels_stay_bounded_with_1000_campaigns(make_stack: Any) -> None:
+    # acme-content may name any agent type (agents: ["*"]): free-form names must still
+    # never become label values.
     stack: Stack = make_stack(budgets={"campaigns": {"campaign-123": {"monthly_usd": "50"}},
-                                       "tenants": {"acme": {"monthly_usd": "100"}}})
+                                       "tenants": {"acme": {"monthly_usd": "100"}}},
+                              keys=[{"name": name, **spec, **(
+                                  {"agents": ["*"]} if name == "acme-content" else {})}
+                                  for name, spec in KEYS.items()])
     client = stack.async_client()
 
     async def one(i: int) -> None:
@@ -310,7 +315,9 @@ def test_metrics_still_answer_when_the_new_month_cannot_be_loaded(tmp_path: Path
         stack.close()
 
 
-def test_keys_and_agents_in_labels_are_configured_names(stack: Stack) -> None:
+def test_keys_and_agents_in_labels_are_configured_names(make_stack: Any) -> None:
+    stack: Stack = make_stack(keys=[{"name": name, **spec, **(
+        {"agents": ["*"]} if name == "acme-ops" else {})} for name, spec in KEYS.items()])
     stack.client("acme-ops").chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, max_tokens=3,
         extra_headers={"X-Costwall-Agent": "content"})  # configured agent (another key's)
