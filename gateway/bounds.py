@@ -232,18 +232,20 @@ def _usd(usd: str) -> int:
     return int(Fraction(usd) * PICO_PER_USD)
 
 
-# OpenAI API pricing page, "Built-in tools" (read 2025; see docs/hard-cap.md for the
-# uncertainty of each). Web search: $10 / 1k calls on reasoning models (o-series, gpt-5), where
-# the search content is billed as input tokens; $25 / 1k on gpt-4o / gpt-4.1 class models.
-WEB_SEARCH_REASONING = _usd_per_1k("10")
-WEB_SEARCH_OTHER = _usd_per_1k("25")
+# OpenAI API pricing page, "Built-in tools" (read 2025-2026; docs/hard-cap.md says how sure each
+# figure is). Web search (``web_search``, GA): $10 / 1k calls on every model, search content
+# billed as input tokens. ``web_search_preview``: $10 / 1k on reasoning models, $25 / 1k on
+# the others (gpt-4o, gpt-4.1), search content free.
+WEB_SEARCH = _usd_per_1k("10")
+WEB_SEARCH_PREVIEW_OTHER = _usd_per_1k("25")
 # Chat Completions search models: the highest per-1k price published for each (search context
-# size "high"), because the answer does not say which size was used.
+# size "high"), because an answer does not say which size was used.
 CHAT_SEARCH = {"gpt-4o-mini-search": _usd_per_1k("30"), "gpt-4o-search": _usd_per_1k("50"),
                "gpt-5-search": _usd_per_1k("10")}
 CHAT_SEARCH_DEFAULT = _usd_per_1k("50")
 FILE_SEARCH = _usd_per_1k("2.50")
-# Code interpreter: per container, by memory limit ($0.03 for the default 1 GB).
+# Code interpreter: per container, by memory limit ($0.03 for the default 1 GB). With
+# ``container: {"type": "auto"}`` the upstream creates (and bills) one even if it is not used.
 CODE_INTERPRETER = {"1g": _usd("0.03"), "4g": _usd("0.12"), "16g": _usd("0.48"),
                     "64g": _usd("1.92")}
 IMAGE_GENERATION = _usd("0.25")  # one gpt-image-1 image at high quality, 1536x1024
@@ -260,9 +262,11 @@ class ToolBound:
 
     ``calls`` is the most built-in tool calls the request can make; each costs at most
     ``max_fee`` and makes the model read up to one more context window of input. ``rates`` maps
-    a response output item type (``web_search_call``) to its fee per call, for settlement.
-    ``set_max_tool_calls`` is the ``max_tool_calls`` costwall adds to the forwarded body when
-    the client set none, so the upstream enforces the number the bound assumed.
+    a response output item type (``web_search_call``) to its fee per call, for settlement;
+    code interpreter is billed per container instead (``container_fee``), with one container
+    created up front when ``auto_container``. ``set_max_tool_calls`` is the ``max_tool_calls``
+    costwall adds to the forwarded body when the client set none, so the upstream enforces
+    the number the bound assumed.
     """
 
     calls: int
@@ -270,10 +274,13 @@ class ToolBound:
     rates: Mapping[str, int]
     set_max_tool_calls: int | None = None
     per_request: int = 0  # chat search: one search fee per answered request
+    container_fee: int = 0
+    auto_container: bool = False
+    known_containers: frozenset[str] = frozenset()  # containers the request names: paid already
 
     @property
     def fee_bound(self) -> int:
-        return self.calls * self.max_fee
+        return self.calls * self.max_fee + (self.container_fee if self.auto_container else 0)
 
 
 def _reasoning(model: str) -> bool:
@@ -285,8 +292,10 @@ def _tool_rate(tool: Mapping[str, Any], model: str) -> tuple[str, int] | None:
     kind = tool.get("type")
     if not isinstance(kind, str) or kind in CLIENT_TOOLS:
         return None
+    if kind.startswith("web_search_preview"):
+        return "web_search_call", WEB_SEARCH if _reasoning(model) else WEB_SEARCH_PREVIEW_OTHER
     if kind.startswith("web_search"):
-        return "web_search_call", WEB_SEARCH_REASONING if _reasoning(model) else WEB_SEARCH_OTHER
+        return "web_search_call", WEB_SEARCH
     if kind == "file_search":
         return "file_search_call", FILE_SEARCH
     if kind == "code_interpreter":
@@ -306,17 +315,29 @@ def responses_tools(tools: Any, model: str, requested_calls: Any,
     if not isinstance(tools, list):
         return None
     rates: dict[str, int] = {}
+    auto, known = False, set()
     for tool in tools:
-        if isinstance(tool, Mapping):
-            found = _tool_rate(tool, model)
-            if found is not None:
-                rates[found[0]] = max(rates.get(found[0], 0), found[1])
+        if not isinstance(tool, Mapping):
+            continue
+        found = _tool_rate(tool, model)
+        if found is None:
+            continue
+        rates[found[0]] = max(rates.get(found[0], 0), found[1])
+        if found[0] == "code_interpreter_call":
+            container = tool.get("container")
+            if isinstance(container, str):
+                known.add(container)
+            else:
+                auto = True
     if not rates:
         return None
     valid = isinstance(requested_calls, int) and not isinstance(requested_calls, bool) \
         and requested_calls >= 0
     calls = requested_calls if valid else default_calls
-    return ToolBound(calls, max(rates.values()), rates, None if valid else default_calls)
+    container_fee = rates.pop("code_interpreter_call", 0) if "code_interpreter_call" in rates \
+        else 0
+    return ToolBound(calls, max([container_fee, *rates.values()]), rates,
+                     None if valid else default_calls, 0, container_fee, auto, frozenset(known))
 
 
 def chat_search(payload: Mapping[str, Any], model: str, default_calls: int) -> ToolBound | None:
@@ -334,7 +355,9 @@ def chat_search(payload: Mapping[str, Any], model: str, default_calls: int) -> T
 def settled_fee(bound: ToolBound, output: Any) -> int:
     """Tool fees of an answered response from its ``output`` items.
 
-    Code interpreter is billed per container: calls that share a ``container_id`` pay once.
+    Code interpreter is billed per container: calls that share a ``container_id`` pay once,
+    a container the request named was paid when it was created, and an ``auto`` container is
+    paid even when no call used it.
     """
     if bound.per_request:
         return bound.per_request
@@ -344,12 +367,12 @@ def settled_fee(bound: ToolBound, output: Any) -> int:
     containers: set[Any] = set()
     for item in output:
         kind = item.get("type") if isinstance(item, Mapping) else None
-        rate = bound.rates.get(kind) if isinstance(kind, str) else None
-        if not rate:
-            continue
-        if kind == "code_interpreter_call" and item.get("container_id") is not None:
-            if item["container_id"] in containers:
-                continue
-            containers.add(item["container_id"])
-        fee += rate
+        if kind == "code_interpreter_call":
+            container = item.get("container_id")
+            containers.add(container if isinstance(container, str) else id(item))
+        elif isinstance(kind, str):
+            fee += bound.rates.get(kind, 0)
+    if bound.container_fee:
+        new = len(containers - bound.known_containers)
+        fee += bound.container_fee * max(new, 1 if bound.auto_container else 0)
     return fee
