@@ -371,8 +371,14 @@ def answered(gw: Gateway, call: Call, response: Any) -> None:
 
     The fee is counted from the answer's ``*_call`` output items (its bound when there is no
     answer to count). A response answered with upstream usage is remembered, so a later
-    ``previous_response_id`` to it is bounded by its input + output tokens.
+    ``previous_response_id`` to it is bounded by its input + output tokens. A ``background``
+    response answered without usage is charged at its reserved bound.
     """
+    if call.payload.get("background") is True and call.usage_source == "counted" \
+            and call.status < 400:
+        # Queued: the upstream bills it later, out of costwall's sight. Charge the bound.
+        call.usage, call.usage_source = None, "reserved"
+        return
     if call.estimate.tools is not None and call.status < 400:
         output = response.get("output") if isinstance(response, Mapping) else None
         call.fee = settled_fee(call.estimate.tools, output)

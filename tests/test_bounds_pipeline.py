@@ -58,6 +58,11 @@ class Billing:
                           "total_tokens": prompt + out}}
 
     def response(self, body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("background"):  # billed later, out of the gateway's sight
+            return {"id": f"resp_{next(self.ids)}", "object": "response", "created_at": 1,
+                    "status": "queued", "model": body["model"], "output": [],
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                    "usage": None}
         prompt = tokens.count_responses_input(body.get("input"), ENC, body.get("instructions"))
         previous = body.get("previous_response_id")
         if previous is not None:
@@ -268,5 +273,19 @@ def test_built_in_tool_fees_are_reserved_forwarded_and_settled(
         own = client.responses.create(model=MODEL, input="x", max_tool_calls=1,
                                       tools=[{"type": "web_search"}], max_output_tokens=5)
         assert own.usage is not None and billing.bodies[-1]["max_tool_calls"] == 1
+    finally:
+        stack.close()
+
+
+def test_background_response_is_charged_at_its_bound(
+        tmp_path: Path, upstream: tuple[Billing, str]) -> None:
+    _, url = upstream
+    stack = Stack(tmp_path, upstream={"base_url": url})
+    try:
+        queued = stack.client().responses.create(model=MODEL, input=FILE_INPUT, background=True,
+                                                 max_output_tokens=OUT_TOKENS)
+        assert queued.status == "queued"
+        row = stack.rows()[-1]
+        assert row.usage_source == "reserved" and row.cost == row.reserved > 0
     finally:
         stack.close()
