@@ -219,6 +219,8 @@ def count_messages(
                 total += count_text(value, enc)
                 if key == "name":
                     total += TOKENS_PER_NAME
+            elif key == "audio" and value is not None and uncounted is not None:
+                uncounted.append(value)  # an earlier audio answer by id: held server-side
             elif value is not None:
                 total += count_text(orjson.dumps(value).decode(), enc)
     if tools:

@@ -113,6 +113,9 @@ def test_uncountable_parts_are_bounded_by_the_context_window() -> None:
                  {"type": "input_file", "file_url": "https://x/a.pdf"},
                  {"type": "input_file", "file_data": "data:application/pdf;base64,AAAA"}):
         assert prompt(part, "responses") == 128_000, part
+    replay = [{"role": "user", "content": "hi"}, {"role": "assistant", "audio": {"id": "audio_1"}}]
+    assert estimate("chat", {"model": "gpt-4o-mini", "messages": replay}, price).prompt_tokens \
+        == 128_000
     big = "word " * 200_000  # more than the window: the provider refuses it at no cost
     assert estimate("chat", {"model": "gpt-4o-mini", "messages": [
         {"role": "user", "content": big}]}, price).prompt_tokens == 128_000
