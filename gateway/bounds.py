@@ -345,7 +345,7 @@ def chat_search(payload: Mapping[str, Any], model: str, default_calls: int) -> T
 
     Chat answers do not list their searches: settled as one search per answered request.
     """
-    if "web_search_options" not in payload and "search" not in model:
+    if "web_search_options" not in payload and "-search-" not in model:
         return None
     rate = next((r for prefix, r in CHAT_SEARCH.items() if model.startswith(prefix)),
                 CHAT_SEARCH_DEFAULT)

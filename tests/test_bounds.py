@@ -204,6 +204,8 @@ def test_chat_search_models_carry_a_search_fee() -> None:
     plain = estimate("chat", {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
                      PRICES.lookup("gpt-4o"))  # type: ignore[arg-type]
     assert plain.tools is None and plain.fee == 0
+    assert bounds.chat_search({}, "gpt-4o-mini-search-preview-2025-03-11", 2) is not None
+    assert bounds.chat_search({}, "o3-deep-research", 2) is None
 
 
 def test_price_table_context_window() -> None:
