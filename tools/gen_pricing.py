@@ -2,6 +2,8 @@
 
 Run once when prices change: ``python tools/gen_pricing.py ../shared/data/openai-prices.json``.
 Floats are only read here, turned into exact decimals per 1M tokens via their shortest repr.
+``max_input_tokens`` (the context window, admission's bound of last resort) is copied where the
+source has it; a model without one gets the gateway's default (``DEFAULT_MAX_INPUT_TOKENS``).
 """
 
 from __future__ import annotations
