@@ -194,6 +194,7 @@ class BudgetSettings:
     min_output_tokens: int = 16
     # (scope, id) -> monthly limit in pico-USD; scope "global" uses id "global".
     limits: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    max_tool_calls: int = 16  # built-in tool calls bounded when a request sets no max_tool_calls
 
     @property
     def tz(self) -> ZoneInfo:
@@ -342,6 +343,7 @@ def _parse_budgets(
     if near_cap not in ("reject", "clamp"):
         problems.append(f"budgets.near_cap: must be 'reject' or 'clamp', got {near_cap!r}")
     min_out = _int(raw.get("min_output_tokens", 16), "budgets.min_output_tokens", problems, 1)
+    max_calls = _int(raw.get("max_tool_calls", 16), "budgets.max_tool_calls", problems, 0, 1000)
 
     global_raw = env.get("MAX_MONTHLY_BUDGET", raw.get("global"))
     if global_raw is not None:
@@ -361,7 +363,8 @@ def _parse_budgets(
             pico = _money(spec, where, problems)
             if pico is not None:
                 limits[(scope, str(ident))] = pico
-    return BudgetSettings(tz, tuple(sorted(set(warn))), near_cap, min_out, limits)
+    return BudgetSettings(tz, tuple(sorted(set(warn))), near_cap, min_out, limits,
+                          max_tool_calls=max_calls)
 
 
 _ID_HINT = "letters, digits and . _ : @ - only (at most 128)"

@@ -2,21 +2,24 @@
 
 The output bound is what the request itself allows (``max_tokens``,
 ``max_completion_tokens`` or ``max_output_tokens``, times ``n`` choices), else the model's
-``max_output_tokens``. Field types are validated here so bad input becomes a 400, not a 500.
+``max_output_tokens``. The prompt bound is the counted text plus ``gateway.bounds``' bounds of
+what cannot be counted (images, audio, files, server-side state, built-in tool calls). Field
+types are validated here so bad input becomes a 400, not a 500.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import tokens
+from gateway import bounds, tokens
 from gateway.errors import BadRequest
 from gateway.pricing import ModelPrice
 
 LEGACY_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 MAX_CHOICES = 128
+DEFAULT_MAX_TOOL_CALLS = 16  # budgets.max_tool_calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +30,16 @@ class Estimate:
     output_tokens: int          # per choice
     choices: int = 1
     output_field: str | None = None  # the body field to lower when clamping
+    tools: bounds.ToolBound | None = None  # built-in tools: fees and max_tool_calls
 
     @property
     def total_output(self) -> int:
         return self.output_tokens * self.choices
+
+    @property
+    def fee(self) -> int:
+        """Bound of the request's tool fees in pico-USD."""
+        return self.tools.fee_bound if self.tools is not None else 0
 
 
 def _positive_int(payload: Mapping[str, Any], name: str) -> int | None:
@@ -51,22 +60,44 @@ def _choices(payload: Mapping[str, Any]) -> int:
     return total
 
 
-def estimate(endpoint: str, payload: Mapping[str, Any], price: ModelPrice) -> Estimate:
-    """Prompt tokens and output bound of a request to ``endpoint`` for ``price``'s model."""
+def _prompt(counted: int, uncounted: list[Any], model: str, context: int) -> int:
+    if not uncounted:  # text only: the common case stays one comparison
+        return min(counted, context)
+    return bounds.prompt_bound(counted, uncounted, model, context)
+
+
+def estimate(endpoint: str, payload: Mapping[str, Any], price: ModelPrice,
+             seen: Callable[[Any], int | None] | None = None,
+             max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS) -> Estimate:
+    """Prompt tokens and output bound of a request to ``endpoint`` for ``price``'s model.
+
+    ``seen`` gives the token total of a response costwall answered itself (for
+    ``previous_response_id``); ``max_tool_calls`` bounds built-in tool calls when the request
+    sets no ``max_tool_calls``.
+    """
     enc = tokens.encoding(price.encoding)
+    model = payload.get("model")
+    model = model if isinstance(model, str) else price.name
+    context = price.max_input_tokens
+    uncounted: list[Any] = []
     if endpoint == "chat":
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty array.", param="messages")
-        prompt = tokens.count_messages(messages, enc, payload.get("tools") or
-                                       payload.get("functions"))
+        counted = tokens.count_messages(messages, enc, payload.get("tools") or
+                                        payload.get("functions"), uncounted)
+        prompt = _prompt(counted, uncounted, model, context)
+        search = bounds.chat_search(payload, model, max_tool_calls)
+        if search is not None:  # the search results are read as input by the one model call
+            prompt = context
         # Clamp the field the client used; if none, max_completion_tokens, which every current
         # chat model accepts (reasoning models refuse max_tokens).
         field = "max_tokens" if "max_tokens" in payload and "max_completion_tokens" not in \
             payload else "max_completion_tokens"
         requested = _positive_int(payload, "max_completion_tokens") or _positive_int(
             payload, "max_tokens")
-        return Estimate(prompt, requested or price.max_output_tokens, _choices(payload), field)
+        return Estimate(prompt, requested or price.max_output_tokens, _choices(payload), field,
+                        search)
     if endpoint == "completions":
         if "prompt" not in payload:
             raise BadRequest("'prompt' is required.", param="prompt")
@@ -85,13 +116,47 @@ def estimate(endpoint: str, payload: Mapping[str, Any], price: ModelPrice) -> Es
             raise BadRequest("'input' is required.", param="input")
         return Estimate(tokens.count_prompt_input(value, enc), 0)
     if endpoint == "responses":
-        if "input" not in payload and "previous_response_id" not in payload:
+        if "input" not in payload and "previous_response_id" not in payload \
+                and "prompt" not in payload and "conversation" not in payload:
             raise BadRequest("'input' is required.", param="input")
-        prompt = tokens.count_responses_input(
-            payload.get("input"), enc, payload.get("instructions"), payload.get("tools"))
-        requested = _positive_int(payload, "max_output_tokens")
-        return Estimate(prompt, requested or price.max_output_tokens, 1, "max_output_tokens")
+        return _responses(payload, price, enc, model, seen, max_tool_calls)
     raise BadRequest(f"unsupported endpoint {endpoint!r}")
+
+
+def _responses(payload: Mapping[str, Any], price: ModelPrice, enc: Any, model: str,
+               seen: Callable[[Any], int | None] | None, max_tool_calls: int) -> Estimate:
+    """/v1/responses: counted input, server-side state and built-in tools."""
+    context = price.max_input_tokens
+    uncounted: list[Any] = []
+    counted = tokens.count_responses_input(
+        payload.get("input"), enc, payload.get("instructions"), payload.get("tools"), uncounted)
+    # A conversation or a stored prompt holds items costwall never saw: the context window.
+    unknown = payload.get("conversation") is not None or payload.get("prompt") is not None
+    known = 0
+    previous = payload.get("previous_response_id")
+    if previous is not None:
+        total = seen(previous) if seen is not None else None
+        if total is None:
+            unknown = True
+        else:
+            known = total + bounds.PREVIOUS_RESPONSE_MARGIN
+    if unknown:
+        prompt = context
+    elif known:
+        prompt = bounds.prompt_bound(counted, uncounted, model, context, known)
+    else:
+        prompt = _prompt(counted, uncounted, model, context)
+    requested_calls = payload.get("max_tool_calls")
+    if requested_calls is not None and (isinstance(requested_calls, bool) or not isinstance(
+            requested_calls, int) or requested_calls < 0):
+        raise BadRequest("'max_tool_calls' must be a non-negative integer.",
+                         param="max_tool_calls")
+    tools = bounds.responses_tools(payload.get("tools"), model, requested_calls, max_tool_calls)
+    if tools is not None:
+        # Each built-in tool call makes the model read its whole context again.
+        prompt += tools.calls * context
+    requested = _positive_int(payload, "max_output_tokens")
+    return Estimate(prompt, requested or price.max_output_tokens, 1, "max_output_tokens", tools)
 
 
 def counted_output(endpoint: str, data: Any, enc_name: str) -> int:

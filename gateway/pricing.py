@@ -18,6 +18,10 @@ from gateway.money import MoneyError, to_pico
 from gateway.tokens import ENCODINGS
 
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are quoted per 1M tokens
+# Used when a price entry has no ``max_input_tokens``: larger than every context window OpenAI
+# publishes (1,050,000 tokens, gpt-5.4/5.5, as of 2026-11), so a missing value can only make
+# admission reserve more, never less. Set the real value in the price table to tighten it.
+DEFAULT_MAX_INPUT_TOKENS = 2_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,9 @@ class ModelPrice:
     encoding: str = "o200k_base"
     kind: str = "chat"
     service_tiers: Mapping[str, TierPrice] = field(default_factory=dict)
+    # The context window: the most prompt tokens one model call can bill (the provider refuses,
+    # at no cost, a prompt that does not fit). The bound of last resort for what cannot be counted.
+    max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS
 
     def cost(self, usage: Usage, service_tier: str | None = None) -> int:
         """Exact cost of ``usage`` in pico-USD."""
@@ -72,10 +79,11 @@ class ModelPrice:
         )
 
     def upper_bound(self, prompt_tokens: int, max_output_tokens: int,
-                    service_tier: str | None = None) -> int:
+                    service_tier: str | None = None, fee: int = 0) -> int:
         """Highest cost a request can reach: no cache hits, every allowed output token used.
 
         ``service_tier`` "auto" may be served at any tier, so it is bounded by the dearest.
+        ``fee`` is the bound of per-call tool fees in pico-USD (``gateway.bounds``).
         """
         if service_tier == "auto" and self.service_tiers:
             input_price = max(self.input, *(t.input for t in self.service_tiers.values()))
@@ -84,7 +92,7 @@ class ModelPrice:
             tier = self.service_tiers.get(service_tier or "")
             input_price = tier.input if tier else self.input
             output_price = tier.output if tier else self.output
-        return prompt_tokens * input_price + max_output_tokens * output_price
+        return prompt_tokens * input_price + max_output_tokens * output_price + fee
 
 
 class PriceTable:
@@ -139,7 +147,7 @@ def parse_price_table(data: Any, source: str = "pricing") -> tuple[PriceTable, l
             problems.append(f"{where}: must be a mapping")
             continue
         unknown = set(spec) - {"input", "cached_input", "output", "max_output_tokens",
-                               "encoding", "kind", "service_tiers"}
+                               "max_input_tokens", "encoding", "kind", "service_tiers"}
         if unknown:
             problems.append(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         kind = spec.get("kind", "chat")
@@ -160,6 +168,10 @@ def parse_price_table(data: Any, source: str = "pricing") -> tuple[PriceTable, l
         if isinstance(max_out, bool) or not isinstance(max_out, int) or max_out < 0:
             problems.append(f"{where}.max_output_tokens: must be a whole number >= 0")
             max_out = 0
+        max_in = spec.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS)
+        if isinstance(max_in, bool) or not isinstance(max_in, int) or max_in < 1:
+            problems.append(f"{where}.max_input_tokens: must be a whole number >= 1")
+            max_in = DEFAULT_MAX_INPUT_TOKENS
         encoding = spec.get("encoding", "o200k_base")
         if encoding not in ENCODINGS:
             problems.append(f"{where}.encoding: must be one of {', '.join(ENCODINGS)}")
@@ -177,7 +189,7 @@ def parse_price_table(data: Any, source: str = "pricing") -> tuple[PriceTable, l
                 _price(tspec.get("output", 0), f"{where}.service_tiers.{tier}.output", problems),
             )
         models[str(name)] = ModelPrice(
-            str(name), input_, cached, output, max_out, str(encoding), str(kind), tiers
+            str(name), input_, cached, output, max_out, str(encoding), str(kind), tiers, max_in
         )
     return PriceTable(models), problems
 

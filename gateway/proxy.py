@@ -16,6 +16,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.bounds import SeenResponses, settled_fee
 from gateway.budget import ClampRequest, Reservation, scopes_for
 from gateway.config import VirtualKey
 from gateway.errors import (
@@ -63,6 +65,7 @@ _MODEL_MAX = 256
 # A model id as OpenAI spells them (``gpt-4o``, ``ft:gpt-4o-mini:org::abc123``): no "/" or
 # "..", so the pass-through cannot reach other upstream paths with the gateway's key.
 _MODELS_PATH = re.compile(r"models(/[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255})?")
+_SEEN = "bounds.seen_responses"  # gw.extras key of this process's SeenResponses
 
 
 @dataclass(slots=True)
@@ -90,6 +93,7 @@ class Call:
     status: int = 0
     usage: Usage | None = None
     usage_source: str = "none"
+    fee: int = 0  # built-in tool fees of the answer, pico-USD (gateway.bounds)
     upstream_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
@@ -212,20 +216,21 @@ async def admit(gw: Gateway, request: web.Request, endpoint: str) -> Call:
     campaign = _header(request, "X-Costwall-Campaign")
     task = _header(request, "X-Costwall-Task")
     override_reason = requested_override(request, key)
+    seen, max_calls = _seen(gw).get, gw.settings.budgets.max_tool_calls
     if len(body) > OFFLOAD_BYTES:
-        est = await asyncio.to_thread(estimate, endpoint, payload, price)
+        est = await asyncio.to_thread(estimate, endpoint, payload, price, seen, max_calls)
     else:
-        est = estimate(endpoint, payload, price)
+        est = estimate(endpoint, payload, price, seen, max_calls)
     stream = payload.get("stream") is True
     call = Call(request[REQUEST_ID_KEY], time.perf_counter(), endpoint, key, agent, campaign,
                 task, model, price, payload, body, est, stream)
 
     tier = payload.get("service_tier")
     tier = tier if isinstance(tier, str) else None
-    amount = price.upper_bound(est.prompt_tokens, est.total_output, tier)
+    amount = price.upper_bound(est.prompt_tokens, est.total_output, tier, est.fee)
     clamp = None
     if est.output_field and est.output_tokens:
-        clamp = ClampRequest(price.upper_bound(est.prompt_tokens, 0, tier),
+        clamp = ClampRequest(price.upper_bound(est.prompt_tokens, 0, tier, est.fee),
                              price.upper_bound(0, 1, tier), est.output_tokens, est.choices)
     scopes = scopes_for(key.tenant, agent, campaign, key.name)
     try:
@@ -240,6 +245,10 @@ async def admit(gw: Gateway, request: web.Request, endpoint: str) -> Call:
         call.blocked_by = exc
     if call.reservation.clamped_tokens is not None and est.output_field:
         payload[est.output_field] = call.reservation.clamped_tokens
+        call.body = orjson.dumps(payload)
+    if est.tools is not None and est.tools.set_max_tool_calls is not None:
+        # The bound assumed this many built-in tool calls: let the upstream enforce it.
+        payload["max_tool_calls"] = est.tools.set_max_tool_calls
         call.body = orjson.dumps(payload)
     if stream and endpoint in ("chat", "completions"):
         options = payload.get("stream_options")
@@ -301,6 +310,8 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
             call.usage_source = "upstream"
         elif upstream.status < 400:
             call.usage = counted_usage(call, _json_or_none(body))
+        if call.endpoint == "responses" or call.estimate.tools is not None:
+            answered(gw, call, _json_or_none(body) if call.endpoint == "responses" else None)
         settle(gw, call)
         key = settings.upstream_key
         # All headers as one list: the response builds its header dict once from it.
@@ -398,6 +409,8 @@ async def relay_stream(
             call.usage_source = "upstream"
         else:
             call.usage = counted_usage(call, streamed_text=meter.streamed_text)
+        if call.endpoint == "responses" or call.estimate.tools is not None:
+            answered(gw, call, meter.response)
         settle(gw, call)
     if upstream_cut and request.transport is not None:
         # Pass the cut on: a clean end would tell the client an incomplete answer was whole.
@@ -413,6 +426,35 @@ async def relay_stream(
 
 
 # -- settlement -------------------------------------------------------------------------------
+def _seen(gw: Gateway) -> SeenResponses:
+    seen = gw.extras.get(_SEEN)
+    if seen is None:
+        seen = gw.extras[_SEEN] = SeenResponses()
+    return seen  # type: ignore[no-any-return]
+
+
+def answered(gw: Gateway, call: Call, response: Any) -> None:
+    """After a /v1/responses answer or one with built-in tools: fees and the token total.
+
+    The fee is counted from the answer's ``*_call`` output items (its bound when there is no
+    answer to count). A response answered with upstream usage is remembered, so a later
+    ``previous_response_id`` to it is bounded by its input + output tokens. A ``background``
+    response answered without usage is charged at its reserved bound.
+    """
+    if call.payload.get("background") is True and call.usage_source == "counted" \
+            and call.status < 400:
+        # Queued: the upstream bills it later, out of costwall's sight. Charge the bound.
+        call.usage, call.usage_source = None, "reserved"
+        return
+    if call.estimate.tools is not None and call.status < 400:
+        output = response.get("output") if isinstance(response, Mapping) else None
+        call.fee = settled_fee(call.estimate.tools, output)
+    if call.usage is not None and call.usage_source == "upstream" and isinstance(
+            response, Mapping):
+        _seen(gw).remember(response.get("id"),
+                           call.usage.prompt_tokens + call.usage.completion_tokens)
+
+
 def settle(gw: Gateway, call: Call) -> None:
     """Turn the reservation into the actual cost, once, and record the final ledger row."""
     reservation, entry = call.reservation, call.entry
@@ -420,7 +462,7 @@ def settle(gw: Gateway, call: Call) -> None:
         return
     tier = call.payload.get("service_tier")
     if call.usage is not None:
-        cost = call.price.cost(call.usage, tier if isinstance(tier, str) else None)
+        cost = call.price.cost(call.usage, tier if isinstance(tier, str) else None) + call.fee
     elif entry is not None and call.usage_source == "reserved":
         cost = reservation.amount  # reached the upstream, outcome unknown: never under-count
     else:

@@ -56,9 +56,19 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
 TOOLS_OVERHEAD = 12
-# An image's token cost depends on its pixel size, which the gateway does not decode; this is an
-# upper bound for one image at "high" detail on current models, so admission never under-reserves.
-IMAGE_TOKENS_BOUND = 1_600
+# Content parts whose text is counted, and the field that holds it. Every other part (images,
+# audio, files, types added later) is the kind of input the gateway cannot count: the counting
+# functions hand it to ``uncounted`` and ``gateway.bounds`` bounds it.
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text",
+              "refusal": "refusal", "summary_text": "text", "reasoning_text": "text"}
+# Responses input items that carry all they bill as their own JSON (calls and their outputs):
+# counted as that JSON. Other items (reasoning, item_reference, built-in tool calls whose
+# results live on the server, unknown types) go to ``uncounted``.
+JSON_ITEMS = frozenset({
+    "function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output",
+    "computer_call", "local_shell_call", "local_shell_call_output", "shell_call",
+    "shell_call_output", "apply_patch_call", "apply_patch_call_output", "mcp_list_tools",
+    "mcp_approval_request", "mcp_approval_response", "mcp_call"})
 
 _cache: dict[str, tiktoken.Encoding] = {}
 _lock = threading.Lock()
@@ -158,8 +168,12 @@ def count_text(text: str, enc: tiktoken.Encoding) -> int:
     return _counts.count(text, enc)
 
 
-def _count_content(content: Any, enc: tiktoken.Encoding) -> int:
-    """Tokens of a message ``content``: a string or a list of typed parts."""
+def _count_content(content: Any, enc: tiktoken.Encoding,
+                   uncounted: list[Any] | None = None) -> int:
+    """Tokens of a message ``content``: a string or a list of typed parts.
+
+    Parts that are not text are appended to ``uncounted`` (when given) and count 0 here.
+    """
     if content is None:
         return 0
     if isinstance(content, str):
@@ -170,11 +184,14 @@ def _count_content(content: Any, enc: tiktoken.Encoding) -> int:
             if not isinstance(part, Mapping):
                 total += count_text(str(part), enc)
                 continue
-            kind = part.get("type", "")
-            if kind in ("image_url", "input_image", "image"):
-                total += IMAGE_TOKENS_BOUND
-            elif isinstance(part.get("text"), str):
-                total += count_text(part["text"], enc)
+            kind = part.get("type")
+            field = TEXT_PARTS.get(kind) if isinstance(kind, str) else (
+                "text" if kind is None else None)
+            if field is None:
+                if uncounted is not None:
+                    uncounted.append(part)
+            elif isinstance(part.get(field), str):
+                total += count_text(part[field], enc)
             else:
                 total += count_text(orjson.dumps(part).decode(), enc)
         return total
@@ -182,9 +199,13 @@ def _count_content(content: Any, enc: tiktoken.Encoding) -> int:
 
 
 def count_messages(
-    messages: Iterable[Any], enc: tiktoken.Encoding, tools: Any = None
+    messages: Iterable[Any], enc: tiktoken.Encoding, tools: Any = None,
+    uncounted: list[Any] | None = None,
 ) -> int:
-    """Prompt tokens of a chat request by the cookbook formula (plus tool definitions)."""
+    """Prompt tokens of a chat request by the cookbook formula (plus tool definitions).
+
+    Content parts that cannot be counted (images, audio, files) go to ``uncounted``.
+    """
     total = REPLY_PRIMING
     for message in messages:
         total += TOKENS_PER_MESSAGE
@@ -193,11 +214,13 @@ def count_messages(
             continue
         for key, value in message.items():
             if key == "content":
-                total += _count_content(value, enc)
+                total += _count_content(value, enc, uncounted)
             elif isinstance(value, str):
                 total += count_text(value, enc)
                 if key == "name":
                     total += TOKENS_PER_NAME
+            elif key == "audio" and value is not None and uncounted is not None:
+                uncounted.append(value)  # an earlier audio answer by id: held server-side
             elif value is not None:
                 total += count_text(orjson.dumps(value).decode(), enc)
     if tools:
@@ -205,22 +228,41 @@ def count_messages(
     return total
 
 
+def _count_item(item: Mapping[str, Any], enc: tiktoken.Encoding,
+                uncounted: list[Any] | None) -> int:
+    """Tokens of one Responses input item that is not a message."""
+    if item.get("type") not in JSON_ITEMS:  # a bare content part, or an item kept server-side
+        return _count_content([item], enc, uncounted)
+    output = item.get("output")
+    if isinstance(output, list):  # a tool output given as content parts (text, images, files)
+        rest = {k: v for k, v in item.items() if k != "output"}
+        return count_text(orjson.dumps(rest).decode(), enc) + _count_content(
+            output, enc, uncounted)
+    return count_text(orjson.dumps(item).decode(), enc)
+
+
 def count_responses_input(
-    input_: Any, enc: tiktoken.Encoding, instructions: Any = None, tools: Any = None
+    input_: Any, enc: tiktoken.Encoding, instructions: Any = None, tools: Any = None,
+    uncounted: list[Any] | None = None,
 ) -> int:
-    """Prompt tokens of a Responses API request (``input`` string or list of items)."""
+    """Prompt tokens of a Responses API request (``input`` string or list of items).
+
+    Parts and items that cannot be counted go to ``uncounted``.
+    """
     total = count_text(instructions, enc) if isinstance(instructions, str) else 0
     if isinstance(input_, str):
         total += TOKENS_PER_MESSAGE + count_text(input_, enc)
     elif isinstance(input_, list):
         for item in input_:
             total += TOKENS_PER_MESSAGE
-            if isinstance(item, Mapping) and "content" in item:
-                total += _count_content(item["content"], enc)
+            if not isinstance(item, Mapping):
+                total += _count_content(item, enc, uncounted)
+            elif item.get("type", "message") == "message" and "content" in item:
+                total += _count_content(item["content"], enc, uncounted)
                 if isinstance(item.get("role"), str):
                     total += count_text(item["role"], enc)
             else:
-                total += _count_content([item] if isinstance(item, Mapping) else item, enc)
+                total += _count_item(item, enc, uncounted)
     if tools:
         total += TOOLS_OVERHEAD + count_text(orjson.dumps(tools).decode(), enc)
     return total + REPLY_PRIMING

@@ -76,6 +76,7 @@ class StreamMeter:
         self.endpoint = endpoint
         self.strip_usage_chunk = strip_usage_chunk
         self.usage: Usage | None = None
+        self.response: Mapping[str, Any] | None = None  # /v1/responses: the final response
         self.texts: list[str] = []
         self._buffer = b""
 
@@ -153,6 +154,7 @@ class StreamMeter:
         elif kind.encode() in _RESPONSES_FINAL:
             response = obj.get("response")
             if isinstance(response, Mapping):
+                self.response = response
                 self.usage = usage_from_responses(response.get("usage")) or self.usage
 
     @property

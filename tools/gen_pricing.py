@@ -5,6 +5,8 @@ prints the table; with ``--write`` it writes it to both config/pricing.yaml (the
 table) and gateway/data/pricing.yaml (the copy shipped inside the package, used when a config
 sets no ``pricing``). tests/test_install.py fails while the two differ.
 Floats are only read here, turned into exact decimals per 1M tokens via their shortest repr.
+``max_input_tokens`` (the context window, admission's bound of last resort) is copied where the
+source has it; a model without one gets the gateway's default (``DEFAULT_MAX_INPUT_TOKENS``).
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ def main(path: str) -> None:
            "# snapshot is listed only where its prices differ from the base entry.",
            "models:"]
     names = sorted(n for n in models if not n.startswith("ft:") and "/" not in n)
-    fields = ("input_cost_per_token", "cache_read_input_token_cost", "output_cost_per_token")
+    fields = ("input_cost_per_token", "cache_read_input_token_cost", "output_cost_per_token",
+              "max_output_tokens", "max_input_tokens")
     for name in names:
         m = models[name]
         base = next((b for b in sorted(names, key=len, reverse=True)
                      if b != name and name.startswith(b + "-")), None)
-        if base and all(models[base].get(f) == m.get(f) for f in fields) and \
-                models[base].get("max_output_tokens") == m.get("max_output_tokens"):
+        if base and all(models[base].get(f) == m.get(f) for f in fields):
             continue
         mode = m.get("mode", "chat")
         out.append(f"  {name}:")
@@ -56,6 +58,8 @@ def main(path: str) -> None:
             out.append(f"    max_output_tokens: {m.get('max_output_tokens') or DEFAULT_MAX_OUTPUT}")
         else:
             out.append("    kind: embedding")
+        if m.get("max_input_tokens"):  # the context window; absent: the gateway's default
+            out.append(f"    max_input_tokens: {m['max_input_tokens']}")
         out.append(f"    encoding: {encoding_for(name)}")
         tiers = []
         for tier in ("flex", "priority"):
