@@ -258,6 +258,7 @@ class AuditTrail:
         self._local = Anchor()
         self._wake: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
+        self._kick: asyncio.Event | None = None  # ``flush``: retry now, not after the backoff
         self._task: asyncio.Task[None] | None = None
 
     # -- recording (the request path) ---------------------------------------------------------
@@ -301,7 +302,7 @@ class AuditTrail:
         if self.key is None:
             env = os.environ.get("COSTWALL_AUDIT_KEY", "")
             self.key = env.encode() if env else await self.store.audit_secret()
-        self._wake, self._drained = asyncio.Event(), asyncio.Event()
+        self._wake, self._drained, self._kick = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._wake.set()
         self._task = asyncio.create_task(self._run(), name="costwall-audit-writer")
 
@@ -324,6 +325,8 @@ class AuditTrail:
         while True:
             self._drained.clear()
             self.wake()
+            if self._kick is not None:
+                self._kick.set()
             left = deadline - asyncio.get_running_loop().time()
             try:
                 await asyncio.wait_for(self._drained.wait(), max(left, 0.01))
@@ -335,7 +338,7 @@ class AuditTrail:
                 return True
 
     async def _run(self) -> None:
-        assert self._wake is not None and self._drained is not None
+        assert self._wake is not None and self._drained is not None and self._kick is not None
         delay = 0.05
         while True:
             with contextlib.suppress(TimeoutError):
@@ -356,7 +359,9 @@ class AuditTrail:
                               "database, retrying): %s", message)
                 self.error = message
                 self._drained.set()
-                await asyncio.sleep(delay)
+                self._kick.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 self._wake.set()
                 continue
