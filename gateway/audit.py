@@ -197,10 +197,7 @@ def append_files(directory: Path, anchor: Anchor, blobs: Mapping[str, bytes]) ->
             if size > at:
                 extra = os.pread(fd, size - at, at)
                 if at == 0 and not blob.startswith(extra):
-                    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-                    os.replace(path, path.with_name(f"{name}.before-{stamp}"))
-                    log.warning("audit file %s was not written by this trail: moved aside to "
-                                "%s.before-%s", name, name, stamp)
+                    _move_aside(path)
                     os.close(fd)
                     fd = -1
                     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -214,6 +211,22 @@ def append_files(directory: Path, anchor: Anchor, blobs: Mapping[str, bytes]) ->
         finally:
             if fd >= 0:
                 os.close(fd)
+
+
+def _move_aside(path: Path) -> None:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    os.replace(path, path.with_name(f"{path.name}.before-{stamp}"))
+    log.warning("audit file %s was not written by this trail: moved aside to %s.before-%s",
+                path.name, path.name, stamp)
+
+
+def move_aside_unanchored(directory: Path) -> None:
+    """With an empty anchor, audit files already there (an unkeyed trail from before the
+    chain was keyed, or a database started afresh) belong to no chain: keep them aside."""
+    for name in (JSONL, *(f[0] for f in FILES.values())):
+        path = directory / name
+        if path.is_file() and path.stat().st_size:
+            _move_aside(path)
 
 
 class AuditStore(Protocol):
@@ -260,6 +273,7 @@ class AuditTrail:
         self._drained: asyncio.Event | None = None
         self._kick: asyncio.Event | None = None  # ``flush``: retry now, not after the backoff
         self._task: asyncio.Task[None] | None = None
+        self._adopted = False  # files from before the anchor have been moved aside
 
     # -- recording (the request path) ---------------------------------------------------------
     def row(self, kind: str, fields: Mapping[str, Any]) -> AuditRow:
@@ -336,6 +350,7 @@ class AuditTrail:
                 return False
             if await self.store.audit_backlog() == 0:
                 return True
+            await asyncio.sleep(0.05)  # another replica may be the one writing them
 
     async def _run(self) -> None:
         assert self._wake is not None and self._drained is not None and self._kick is not None
@@ -373,6 +388,10 @@ class AuditTrail:
         if not await self.store.audit_lock():
             return False  # another replica writes the files (PostgreSQL)
         anchor, events = await self.store.audit_pending(BATCH)
+        if not self._adopted:
+            self._adopted = True
+            if not anchor.count and not anchor.sizes:
+                await asyncio.to_thread(move_aside_unanchored, self.dir)
         if anchor.count and anchor.key_id and anchor.key_id != key_id(self.key):
             raise AuditTampered("the audit key differs from the one the trail was written "
                                 "with (COSTWALL_AUDIT_KEY changed?)")

@@ -387,3 +387,21 @@ def test_key_file_is_private_and_kept(tmp_path: Path) -> None:
         assert not list((tmp_path / "logs").rglob("audit.key"))
     finally:
         stack.close()
+
+
+def test_an_unkeyed_trail_from_before_is_kept_aside(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "logs" / "budget"
+    folder.mkdir(parents=True)
+    old = b'{"kind":"blocked","time":"2026-01-01T00:00:00Z","prev":"' + GENESIS.encode() + b'"}\n'
+    (folder / "events.jsonl").write_bytes(old)
+    stack = Stack(tmp_path, budgets={"global": {"monthly_usd": "0"}})
+    try:
+        blocked(stack, 1)
+        stack.flush()
+        [aside] = folder.glob("events.jsonl.before-*")
+        assert aside.read_bytes() == old
+        code, out = check(tmp_path / "costwall.yaml", capsys)
+        assert code == 0 and "1 events, chain intact" in out, out
+    finally:
+        stack.close()
