@@ -331,21 +331,24 @@ class AuditTrail:
         self._task = None
 
     async def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every stored event is in the files; False if the writer is failing."""
+        """Wait until every stored event is in the files; False if the writer is failing or
+        ``timeout`` passed (the events then stay queued; nothing is lost)."""
         if self.store is None or self._drained is None:
             return True
+        try:
+            return await asyncio.wait_for(self._flush(), timeout)
+        except TimeoutError:
+            return False
+
+    async def _flush(self) -> bool:
+        assert self.store is not None and self._drained is not None
         await self.store.flush()
-        deadline = asyncio.get_running_loop().time() + timeout
         while True:
             self._drained.clear()
             self.wake()
             if self._kick is not None:
                 self._kick.set()
-            left = deadline - asyncio.get_running_loop().time()
-            try:
-                await asyncio.wait_for(self._drained.wait(), max(left, 0.01))
-            except TimeoutError:
-                return False
+            await self._drained.wait()
             if self.error is not None:
                 return False
             if await self.store.audit_backlog() == 0:
