@@ -1,29 +1,48 @@
 """What admins can see and change, shared by the web pages and the JSON API.
 
-Each change takes effect at once in the running gateway (budget engine, key ring, override
-switch), is persisted in the ledger so it survives a restart, and is audit-logged with who
-did it and why. Views only parse input and present results.
+Each change is persisted in the ledger together with its audit event (who did it and why) in
+one transaction, so a change is never applied without its record nor recorded without being
+applied; only then does it take effect in the running gateway (budget engine, key ring,
+override switch). Views only parse input and present results.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from datetime import UTC
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from admin import validate
 from admin.errors import BadInput, Conflict, Missing
 from gateway.budget import ScopeKey, ScopeStatus
 from gateway.config import hash_key
+from gateway.errors import ServiceUnavailable
 from gateway.ledger import KeyRecord, UsageRow
 from gateway.money import format_usd
 from gateway.services import OVERRIDE_SETTING, Gateway, OverrideState
 
 SECRET_PREFIX = "sk-cw-"
+log = logging.getLogger("costwall.admin")
+T = TypeVar("T")
+
+
+async def _commit(gw: Gateway, write: Awaitable[T]) -> T:
+    """Await a ledger write that carries its audit event; a failure applies nothing."""
+    try:
+        result = await write
+    except Exception as exc:
+        log.error("admin change not applied: the ledger write failed: %s", type(exc).__name__)
+        raise ServiceUnavailable(
+            "The change was not applied: costwall could not store it together with its audit "
+            "record (the ledger database is unavailable). Try again.",
+            code="ledger_unavailable") from None
+    gw.audit.wake()
+    return result
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -128,11 +147,13 @@ async def events(gw: Gateway, kinds: Iterable[str], *, scope: str | None = None,
                 where = f"{event.get('scope') or ''} {event.get('target') or ''}".lower()
                 if scope.lower() not in where:
                     continue
-            event.pop("prev", None)
+            for chain_field in ("prev", "mac", "n", "seq"):
+                event.pop(chain_field, None)
             out.append(event)
         out.reverse()
         return out
 
+    await gw.audit.flush(timeout=1.0)  # show what was just recorded, if the files can be written
     found = await asyncio.to_thread(read)
     return LogPage(found[offset:offset + limit], len(found), offset, limit)
 
@@ -143,10 +164,12 @@ async def set_override(gw: Gateway, enabled: bool, reason: str, actor: str) -> O
     reason = validate.reason(reason, required=enabled)
     now = gw.clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     state = OverrideState(enabled, reason or None, actor, now)
-    await gw.ledger.set_setting(OVERRIDE_SETTING, state.to_json())
+    audit = gw.admin_row(actor, "override.on" if enabled else "override.off", "global",
+                         "global budget override " + ("enabled" if enabled else "disabled"),
+                         reason)
+    await _commit(gw, gw.ledger.set_setting(OVERRIDE_SETTING, state.to_json(),
+                                            audit=audit))
     gw.overrides.state = state
-    gw.record_admin(actor, "override.on" if enabled else "override.off", "global",
-                    "global budget override " + ("enabled" if enabled else "disabled"), reason)
     return state
 
 
@@ -159,11 +182,11 @@ def cap_key(scope: str, scope_id: str) -> ScopeKey:
 async def set_cap(gw: Gateway, key: ScopeKey, limit: int, actor: str, reason: str = "") -> None:
     """Add or change a monthly cap; the next request is admitted against it."""
     old = gw.budgets.limits.get(key)
-    await gw.ledger.set_cap(key, limit)
-    await gw.budgets.set_limit(key, limit)
     before = "none" if old is None else format_usd(old)
-    gw.record_admin(actor, "cap.set", f"{key[0]}:{key[1]}",
-                    f"monthly_usd {before} -> {format_usd(limit)}", reason)
+    audit = gw.admin_row(actor, "cap.set", f"{key[0]}:{key[1]}",
+                         f"monthly_usd {before} -> {format_usd(limit)}", reason)
+    await _commit(gw, gw.ledger.set_cap(key, limit, audit=audit))
+    await gw.budgets.set_limit(key, limit)
 
 
 async def remove_cap(gw: Gateway, key: ScopeKey, actor: str, reason: str = "") -> None:
@@ -171,10 +194,10 @@ async def remove_cap(gw: Gateway, key: ScopeKey, actor: str, reason: str = "") -
     old = gw.budgets.limits.get(key)
     if old is None:
         raise Missing(f"There is no cap for {key[0]} '{key[1]}'.")
-    await gw.ledger.set_cap(key, None)
+    audit = gw.admin_row(actor, "cap.remove", f"{key[0]}:{key[1]}",
+                         f"monthly_usd {format_usd(old)} -> none", reason)
+    await _commit(gw, gw.ledger.set_cap(key, None, audit=audit))
     await gw.budgets.set_limit(key, None)
-    gw.record_admin(actor, "cap.remove", f"{key[0]}:{key[1]}",
-                    f"monthly_usd {format_usd(old)} -> none", reason)
 
 
 # -- virtual keys ----------------------------------------------------------------------------
@@ -240,11 +263,12 @@ async def create_key(gw: Gateway, name: Any, tenant: Any, agent: Any, can_overri
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         record = KeyRecord(name, hash_key(secret), tenant, agent, can_override,
                            gw.clock(), None, secret[:len(SECRET_PREFIX) + 4], extra)
-        await gw.ledger.add_key(record)
+        audit = gw.admin_row(
+            actor, "key.create", f"key:{name}",
+            f"tenant={tenant} agent={agent} can_override={str(can_override).lower()}"
+            + (f" agents={','.join(extra)}" if extra else ""))
+        await _commit(gw, gw.ledger.add_key(record, audit=audit))
         gw.keys.reload(await gw.ledger.keys())
-    gw.record_admin(actor, "key.create", f"key:{name}",
-                    f"tenant={tenant} agent={agent} can_override={str(can_override).lower()}"
-                    + (f" agents={','.join(extra)}" if extra else ""))
     return KeyView(name, tenant, agent, can_override, "admin", record.prefix,
                    _iso(record.created_at), None, extra), secret
 
@@ -255,10 +279,11 @@ async def revoke_key(gw: Gateway, name: str, actor: str) -> None:
         raise Conflict(f"Key '{name}' comes from the config file; remove it there.",
                        code="config_key")
     async with _lock(gw):
-        if not await gw.ledger.revoke_key(name, gw.clock()):
+        audit = gw.admin_row(actor, "key.revoke", f"key:{name}", "revoked")
+        if not await _commit(gw, gw.ledger.revoke_key(name, gw.clock(),
+                                                      audit=audit)):
             raise Missing(f"No active admin-created key named '{name[:128]}'.")
         gw.keys.reload(await gw.ledger.keys())
-    gw.record_admin(actor, "key.revoke", f"key:{name}", "revoked")
 
 
 def ensure_form_bool(value: str | None) -> bool:

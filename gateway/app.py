@@ -72,6 +72,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def _resources(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await gw.ledger.start()
+        await gw.audit.start()  # writes the stored backlog to the files in the background
         recovered = await gw.ledger.recover()
         if recovered:
             log.warning("settled %d requests left pending by a crash at their reserved cost",
@@ -102,6 +103,7 @@ def _resources(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
         await gw.session.close()
+        await gw.audit.close()
         await gw.ledger.close()
 
     return resources
@@ -140,7 +142,7 @@ def build_gateway(
     metrics = Metrics(registry)
     metrics.watch_budgets(BudgetView(budgets))
     gw = Gateway(settings, prices, ledger, budgets, KeyRing(settings.keys),
-                 AuditTrail(settings.logs_dir, clock), metrics, clock)
+                 AuditTrail(settings.logs_dir, clock, ledger), metrics, clock)
     if _shared(settings):
         budgets.on_crossings = gw.record_crossings  # type: ignore[attr-defined]
     return gw

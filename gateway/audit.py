@@ -1,25 +1,46 @@
 """The append-only audit trail: Markdown tables people read, JSON Lines machines verify.
 
-Every event goes to ``logs/budget/events.jsonl``; each line carries the SHA-256 of the line
-before it, so editing or deleting a line breaks the chain at a place ``verify_chain`` names.
-The Markdown files are the familiar view of the same events. Nothing here ever holds a
-prompt, a completion or a key: callers pass attribution and money only.
+An event is first a row in the ledger database (``audit_events``), queued on the request
+path without waiting and without touching the file system, or committed in the same
+transaction as the admin change it describes. A background task (``AuditTrail``'s writer)
+then appends the database's unwritten events, in order, to ``logs/budget/events.jsonl`` and
+the Markdown tables, and advances the chain's *anchor* in the database (line count, last MAC,
+file sizes). While the directory cannot be written the events wait in the database and the
+writer retries with backoff, so a broken audit directory never changes a request's answer.
+
+Each JSON line carries its number ``n``, ``prev`` (the previous line's MAC) and ``mac``, an
+HMAC-SHA256 of the line itself keyed with the audit key (``gateway.audit_store``): an edited,
+inserted or forged line fails its own MAC and is named exactly; a deleted line breaks ``n``
+and ``prev`` where the gap is; truncation, tail edits and deletion of the file disagree with
+the anchor. ``gateway.audit_verify`` does the checking. Nothing here ever holds a prompt, a
+completion or a key: callers pass attribution and money only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import hmac
+import logging
 import os
+import secrets
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+if TYPE_CHECKING:
+    from gateway.audit_verify import ChainReport
+
+log = logging.getLogger("costwall.audit")
+
 GENESIS = "0" * 64
+JSONL = "events.jsonl"
 EXECUTION_COLUMNS = ("time", "request_id", "tenant", "agent", "campaign", "task", "model",
                      "estimate_usd", "scope", "limit_usd", "spent_usd", "reason")
 ADMIN_COLUMNS = ("time", "actor", "action", "target", "detail", "reason")
@@ -30,6 +51,9 @@ FILES = {
     "warning": ("budget-warnings.md", "Budget warnings",
                 ("time", "scope", "id", "period", "threshold", "limit_usd", "spent_usd")),
 }
+BATCH = 500  # events appended per writer step
+RETRY_MAX_S = 30.0  # backoff ceiling while the directory cannot be written
+POLL_S = 1.0  # how often the writer looks for events other replicas stored
 
 
 def md_cell(value: Any) -> str:
@@ -49,82 +73,356 @@ def _text(value: Any) -> Any:
     return value
 
 
-def _line_hash(line: bytes) -> str:
-    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+# -- what is stored and how it is rendered (pure) ----------------------------------------------
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One event as stored in ``audit_events``: ``data`` is the JSON of time + columns."""
+
+    kind: str
+    ts: str
+    data: str
 
 
 @dataclass(frozen=True, slots=True)
-class ChainReport:
-    ok: bool
-    lines: int
-    first_bad_line: int | None = None
-    message: str = ""
+class PendingEvent:
+    """A stored event not yet in the files."""
+
+    seq: int
+    kind: str
+    data: str
 
 
-def verify_chain(path: Path) -> ChainReport:
-    """Check every line's ``prev`` against the hash of the line before it."""
-    if not path.exists():
-        return ChainReport(True, 0, message=f"{path} does not exist yet (no events)")
-    prev = GENESIS
-    count = 0
-    with open(path, "rb") as fh:
-        for number, line in enumerate(fh, start=1):
-            count = number
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                return ChainReport(False, number, number, f"line {number} is not valid JSON")
-            if not isinstance(record, dict) or record.get("prev") != prev:
-                return ChainReport(
-                    False, number, number,
-                    f"line {number}: hash chain broken (the line or the one before it was "
-                    "edited, inserted or deleted)",
-                )
-            prev = _line_hash(line)
-    return ChainReport(True, count, message=f"{count} events, chain intact")
+@dataclass(slots=True)
+class Anchor:
+    """The chain's head as the database knows it: what the files must contain."""
+
+    count: int = 0
+    head: str = GENESIS
+    sizes: dict[str, int] = field(default_factory=dict)
+    key_id: str = ""
+
+    def sizes_json(self) -> str:
+        return orjson.dumps(self.sizes, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def key_id(key: bytes) -> str:
+    """A short fingerprint of the audit key, stored with the anchor (never the key)."""
+    return hmac.new(key, b"costwall audit key id", hashlib.sha256).hexdigest()[:16]
+
+
+def mac(key: bytes, body: bytes) -> str:
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def render_line(key: bytes, n: int, seq: int, kind: str, data: Mapping[str, Any],
+                prev: str) -> tuple[bytes, str]:
+    """One JSON line (without newline) and its MAC, which the next line's ``prev`` carries."""
+    body = orjson.dumps({"n": n, "seq": seq, "kind": kind, **data, "prev": prev})
+    line_mac = mac(key, body)
+    return body[:-1] + b',"mac":"' + line_mac.encode() + b'"}', line_mac
+
+
+def md_header(kind: str) -> str:
+    _, title, columns = FILES[kind]
+    return f"# {title}\n\n| {' | '.join(columns)} |\n|{'---|' * len(columns)}\n"
+
+
+def md_row(kind: str, data: Mapping[str, Any]) -> str:
+    columns = FILES[kind][2]
+    return "| " + " | ".join(md_cell(data.get(c)) for c in columns) + " |\n"
+
+
+def render_batch(key: bytes, anchor: Anchor, events: list[PendingEvent]
+                 ) -> tuple[dict[str, bytes], Anchor, list[tuple[int, int]]]:
+    """The bytes to append to each file, the anchor after them, and (seq, line) pairs."""
+    lines: list[bytes] = []
+    md: dict[str, list[str]] = {}
+    prev, n, written = anchor.head, anchor.count, []
+    for event in events:
+        n += 1
+        data = orjson.loads(event.data)
+        line, prev = render_line(key, n, event.seq, event.kind, data, prev)
+        lines.append(line + b"\n")
+        written.append((event.seq, n))
+        if event.kind in FILES:
+            filename = FILES[event.kind][0]
+            rows = md.setdefault(filename, [])
+            if not rows and not anchor.sizes.get(filename):
+                rows.append(md_header(event.kind))
+            rows.append(md_row(event.kind, data))
+    out = {JSONL: b"".join(lines)}
+    out.update({name: "".join(rows).encode() for name, rows in md.items()})
+    sizes = dict(anchor.sizes)
+    for name, blob in out.items():
+        sizes[name] = sizes.get(name, 0) + len(blob)
+    return out, Anchor(n, prev, sizes, key_id(key)), written
+
+
+def verify_chain(path: Path, key: bytes | None = None, anchor: Anchor | None = None
+                 ) -> ChainReport:
+    """Check an ``events.jsonl`` (and the Markdown files beside it); see ``audit_verify``."""
+    from gateway.audit_verify import verify
+
+    return verify(path, key, anchor)
+
+
+class AuditTampered(Exception):
+    """The files do not end where the anchor says: the writer stops rather than fork."""
+
+
+def append_files(directory: Path, anchor: Anchor, blobs: Mapping[str, bytes]) -> None:
+    """Append each blob at its file's anchored end (blocking I/O: run in a thread).
+
+    Bytes past the anchored end that are the start of this very blob were written by an
+    attempt whose anchor update never landed (a crash, a database error): they are cut and
+    written again. Anything else there, or a file shorter than anchored, is tampering.
+    A file the anchor knows nothing about (an unkeyed trail from before the chain was keyed,
+    or a database started afresh) is moved aside to ``<name>.before-<time>``, not extended.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, blob in blobs.items():
+        if not blob:
+            continue
+        path = directory / name
+        at = anchor.sizes.get(name, 0)
+        flags = os.O_RDWR | (os.O_CREAT if at == 0 else 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            raise AuditTampered(f"{name} is missing; the anchor records {at} bytes") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < at:
+                raise AuditTampered(f"{name} has {size} bytes; the anchor records {at}")
+            if size > at:
+                extra = os.pread(fd, size - at, at)
+                if at == 0 and not blob.startswith(extra):
+                    _move_aside(path)
+                    os.close(fd)
+                    fd = -1
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                    extra = b""
+                if not blob.startswith(extra):
+                    raise AuditTampered(f"{name} has {size - at} unexpected bytes after its "
+                                        "anchored end")
+                os.ftruncate(fd, at)
+            os.pwrite(fd, blob, at)
+            os.fsync(fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _move_aside(path: Path) -> None:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    os.replace(path, path.with_name(f"{path.name}.before-{stamp}"))
+    log.warning("audit file %s was not written by this trail: moved aside to %s.before-%s",
+                path.name, path.name, stamp)
+
+
+def move_aside_unanchored(directory: Path) -> None:
+    """With an empty anchor, audit files already there (an unkeyed trail from before the
+    chain was keyed, or a database started afresh) belong to no chain: keep them aside."""
+    for name in (JSONL, *(f[0] for f in FILES.values())):
+        path = directory / name
+        if path.is_file() and path.stat().st_size:
+            _move_aside(path)
+
+
+class AuditStore(Protocol):
+    """What the trail needs from the ledger (both backends implement it)."""
+
+    def audit(self, row: AuditRow) -> None: ...
+
+    async def audit_secret(self) -> bytes: ...
+
+    async def audit_lock(self) -> bool: ...
+
+    async def audit_pending(self, limit: int) -> tuple[Anchor, list[PendingEvent]]: ...
+
+    async def audit_advance(self, old: Anchor, new: Anchor,
+                            written: list[tuple[int, int]]) -> None: ...
+
+    async def audit_backlog(self) -> int: ...
+
+    async def flush(self) -> None: ...
+
+
+def _now(clock: Any) -> str:
+    return clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class AuditTrail:
-    """Appends audit events; safe to call from the event loop (small buffered appends)."""
+    """Records audit events (never raising, never waiting on files) and writes them out.
 
-    def __init__(self, logs_dir: Path, clock: Any = None):
+    Without a store (``AuditTrail(dir)``, used by tools and tests) events are appended at once
+    with an in-memory anchor and ``key`` (or a random one).
+    """
+
+    def __init__(self, logs_dir: Path, clock: Any = None, store: AuditStore | None = None,
+                 key: bytes | None = None):
         self.dir = Path(logs_dir) / "budget"
-        self.jsonl = self.dir / "events.jsonl"
+        self.jsonl = self.dir / JSONL
         self._clock = clock or (lambda: datetime.now(UTC))
+        self.store = store
+        self.key = key
+        self.error: str | None = None  # why the files lag behind, while they do
         self._lock = threading.Lock()
-        self._prev: str | None = None
+        self._local = Anchor()
+        self._wake: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
+        self._kick: asyncio.Event | None = None  # ``flush``: retry now, not after the backoff
+        self._task: asyncio.Task[None] | None = None
+        self._adopted = False  # files from before the anchor have been moved aside
 
-    def _last_hash(self) -> str:
-        if not self.jsonl.exists() or self.jsonl.stat().st_size == 0:
-            return GENESIS
-        with open(self.jsonl, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 65536))
-            last = fh.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
-        return _line_hash(last)
+    # -- recording (the request path) ---------------------------------------------------------
+    def row(self, kind: str, fields: Mapping[str, Any]) -> AuditRow:
+        """The stored form of an event (for admin changes that commit it themselves)."""
+        columns = FILES[kind][2]
+        now = _now(self._clock)
+        data = {"time": now, **{c: _text(fields.get(c)) for c in columns if c != "time"}}
+        return AuditRow(kind, now, orjson.dumps(data).decode())
 
     def record(self, kind: str, fields: Mapping[str, Any]) -> None:
-        """Append one event of ``kind`` (blocked, override, admin, warning) to both views."""
-        filename, title, columns = FILES[kind]
-        now = self._clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        row = {"time": now, **{c: _text(fields.get(c)) for c in columns if c != "time"}}
-        with self._lock:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if self._prev is None:
-                self._prev = self._last_hash()
-            line = orjson.dumps({"kind": kind, **row, "prev": self._prev})
-            with open(self.jsonl, "ab") as fh:
-                fh.write(line + b"\n")
-            self._prev = _line_hash(line)
-            md = self.dir / filename
-            new = not md.exists()
-            with open(md, "a", encoding="utf-8") as fh:
-                if new:
-                    fh.write(f"# {title}\n\n| {' | '.join(columns)} |\n")
-                    fh.write(f"|{'---|' * len(columns)}\n")
-                fh.write("| " + " | ".join(md_cell(row.get(c)) for c in columns) + " |\n")
+        """Queue one event of ``kind`` (blocked, override, admin, warning); never raises."""
+        try:
+            row = self.row(kind, fields)
+            if self.store is None:
+                self._write_now(row)
+                return
+            self.store.audit(row)
+            self.wake()
+        except Exception:
+            log.exception("audit event %s could not be queued", kind)
 
+    def wake(self) -> None:
+        """Tell the writer there is something to write (after a committed admin change)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    def _write_now(self, row: AuditRow) -> None:
+        with self._lock:
+            if self.key is None:
+                self.key = secrets.token_bytes(32)
+            event = PendingEvent(self._local.count + 1, row.kind, row.data)
+            blobs, anchor, _ = render_batch(self.key, self._local, [event])
+            append_files(self.dir, self._local, blobs)
+            self._local = anchor
+
+    # -- the writer ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the key and start writing the stored backlog (call once the store is open)."""
+        assert self.store is not None
+        if self.key is None:
+            env = os.environ.get("COSTWALL_AUDIT_KEY", "")
+            self.key = env.encode() if env else await self.store.audit_secret()
+        self._wake, self._drained, self._kick = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._wake.set()
+        self._task = asyncio.create_task(self._run(), name="costwall-audit-writer")
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Write what can still be written, then stop (what is left stays in the database)."""
+        if self._task is None:
+            return
+        await self.flush(timeout)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every stored event is in the files; False if the writer is failing or
+        ``timeout`` passed (the events then stay queued; nothing is lost)."""
+        if self.store is None or self._drained is None:
+            return True
+        try:
+            return await asyncio.wait_for(self._flush(), timeout)
+        except TimeoutError:
+            return False
+
+    async def _flush(self) -> bool:
+        assert self.store is not None and self._drained is not None
+        await self.store.flush()
+        while True:
+            self._drained.clear()
+            self.wake()
+            if self._kick is not None:
+                self._kick.set()
+            await self._drained.wait()
+            if self.error is not None:
+                return False
+            if await self.store.audit_backlog() == 0:
+                return True
+            await asyncio.sleep(0.05)  # another replica may be the one writing them
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._drained is not None and self._kick is not None
+        delay = 0.05
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
+            self._wake.clear()
+            try:
+                while await self._step():
+                    pass
+                if self.error is not None:
+                    log.warning("audit files written again (backlog caught up)")
+                self.error, delay = None, 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the files or the database: keep the events, retry
+                message = f"{type(exc).__name__}: {exc}"
+                if message != self.error:
+                    log.error("audit files cannot be written (events stay queued in the "
+                              "database, retrying): %s", message)
+                self.error = message
+                self._drained.set()
+                self._kick.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                self._wake.set()
+                continue
+            self._drained.set()
+
+    async def _step(self) -> bool:
+        """Append one batch; True if there may be more."""
+        assert self.store is not None and self.key is not None
+        if not await self.store.audit_lock():
+            return False  # another replica writes the files (PostgreSQL)
+        anchor, events = await self.store.audit_pending(BATCH)
+        if not self._adopted:
+            self._adopted = True
+            if not anchor.count and not anchor.sizes:
+                await asyncio.to_thread(move_aside_unanchored, self.dir)
+        if anchor.count and anchor.key_id and anchor.key_id != key_id(self.key):
+            raise AuditTampered("the audit key differs from the one the trail was written "
+                                "with (COSTWALL_AUDIT_KEY changed?)")
+        if not events:
+            return False
+        blobs, new, written = render_batch(self.key, anchor, events)
+        await asyncio.to_thread(append_files, self.dir, anchor, blobs)
+        await self.store.audit_advance(anchor, new, written)
+        return len(events) == BATCH
+
+    async def status(self) -> dict[str, Any]:
+        """For ``/readyz``: events not yet in the files and why, if the writer is failing."""
+        backlog = await self.store.audit_backlog() if self.store is not None else 0
+        state = "error" if self.error else ("pending" if backlog else "ok")
+        out: dict[str, Any] = {"audit": state, "audit_backlog": backlog}
+        if self.error:
+            out["audit_error"] = self.error
+        return out
+
+    async def verify(self) -> ChainReport:
+        """Check the files against the key and the database's anchor (tests, tools)."""
+        assert self.store is not None and self.key is not None
+        anchor, _ = await self.store.audit_pending(0)
+        return await asyncio.to_thread(verify_chain, self.jsonl, self.key, anchor)
+
+    # -- reading ------------------------------------------------------------------------------
     def events(self, kind: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every recorded event (optionally of one kind), oldest first."""
+        """Every event written to the files (optionally of one kind), oldest first."""
         if not self.jsonl.exists():
             return
         with open(self.jsonl, "rb") as fh:

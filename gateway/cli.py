@@ -105,7 +105,6 @@ def _configured_pricing(exc: ConfigError | None) -> Path:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.audit import verify_chain
     from gateway.pricing import load_price_table
     from gateway.tokens import EncodingFileError, encoding
 
@@ -130,9 +129,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         except EncodingFileError as exc:
             problems.append(str(exc))
     if args.audit:
-        logs_dir = settings.logs_dir if settings else Path("logs")
-        report = verify_chain(logs_dir / "budget" / "events.jsonl")
-        (print if report.ok else problems.append)(f"audit trail: {report.message}")  # type: ignore[operator]
+        problems.extend(_check_audit(settings))
     for warning in warnings:
         print(f"warning: {warning}")
     for problem in problems:
@@ -142,6 +139,31 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     print(f"ok: configuration valid, {len(prices)} priced models")
     return 0
+
+
+def _check_audit(settings: Settings | None) -> list[str]:
+    """Verify the audit files against the key and the database's anchor; print the verdict."""
+    from gateway.audit import verify_chain
+    from gateway.audit_store import read_state
+
+    if settings is None:
+        return ["audit trail: not checked (the configuration has problems)"]
+    state = read_state(settings.database)
+    problems = []
+    if state.problem:
+        problems.append(f"audit trail: {state.problem}")
+    if state.key is None:
+        problems.append("audit trail: no audit key (set COSTWALL_AUDIT_KEY, or keep audit.key "
+                        "beside the SQLite database); MACs not checked")
+    report = verify_chain(settings.logs_dir / "budget" / "events.jsonl", state.key,
+                          state.anchor)
+    problems += [f"audit trail: {p}" for p in report.problems]
+    if not problems:
+        print(f"audit trail: {report.message}")
+    if state.backlog:
+        print(f"audit trail: {state.backlog} events stored in the database are not in the "
+              "files yet (the gateway writes them when it can)")
+    return problems
 
 
 def cmd_fake_upstream(args: argparse.Namespace) -> int:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.budget import GLOBAL, ScopeKey
+
+if TYPE_CHECKING:
+    from gateway.audit import Anchor, AuditRow, PendingEvent
 
 USAGE_SOURCES = ("upstream", "counted", "reserved", "none")
 GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task")
@@ -117,18 +120,41 @@ class Ledger(Protocol):
 
     async def get_setting(self, key: str) -> str | None: ...
 
-    async def set_setting(self, key: str, value: str) -> None: ...
+    async def set_setting(self, key: str, value: str, audit: AuditRow | None = None) -> None:
+        """Store a setting; with ``audit``, in one transaction with that audit event."""
 
     async def caps(self) -> dict[ScopeKey, int | None]:
         """Caps set by admins, overriding config; None means the limit was removed."""
 
-    async def set_cap(self, key: ScopeKey, limit: int | None) -> None: ...
+    async def set_cap(self, key: ScopeKey, limit: int | None,
+                      audit: AuditRow | None = None) -> None: ...
 
     async def keys(self) -> list[KeyRecord]: ...
 
-    async def add_key(self, record: KeyRecord) -> None: ...
+    async def add_key(self, record: KeyRecord, audit: AuditRow | None = None) -> None: ...
 
-    async def revoke_key(self, name: str, when: datetime) -> bool: ...
+    async def revoke_key(self, name: str, when: datetime,
+                         audit: AuditRow | None = None) -> bool: ...
+
+    # The audit trail's durable queue and anchor (``gateway.audit.AuditStore``).
+    def audit(self, row: AuditRow) -> None:
+        """Queue an audit event (never waits, never raises)."""
+
+    async def audit_secret(self) -> bytes:
+        """The chain's key when ``COSTWALL_AUDIT_KEY`` is not set."""
+
+    async def audit_lock(self) -> bool:
+        """True while this process is the one that writes the audit files."""
+
+    async def audit_pending(self, limit: int) -> tuple[Anchor, list[PendingEvent]]:
+        """The anchor and the oldest ``limit`` events not yet in the files."""
+
+    async def audit_advance(self, old: Anchor, new: Anchor,
+                            written: list[tuple[int, int]]) -> None:
+        """Mark (seq, line) pairs written and move the anchor from ``old`` to ``new``."""
+
+    async def audit_backlog(self) -> int:
+        """Events stored but not yet in the files."""
 
     async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
         """Settled totals of a period grouped by one of ``GROUP_BY``."""

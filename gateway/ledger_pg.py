@@ -28,6 +28,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from gateway.audit import Anchor, AuditRow, PendingEvent
+from gateway.audit_verify import anchor_from
 from gateway.budget import ScopeKey
 from gateway.ledger import COLUMNS, GROUP_BY, KeyRecord, LedgerEntry, UsageRow, fold_spend
 from gateway.pg_schema import migrate
@@ -47,6 +49,11 @@ log = logging.getLogger("costwall.ledger")
 
 CHANNEL = "costwall_changes"
 RECLAIM_LOCK = 0x636F7374  # advisory lock namespace for reclaiming one replica
+AUDIT_LOCK = 0x636F737461756469  # held by the one replica that writes the audit files
+_AUDIT_BATCH = 500
+_INSERT_AUDIT = ("INSERT INTO audit_events (ts, kind, data, replica) SELECT t, k, d, $4 FROM "
+                 "unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS v(t, k, d, o) "
+                 "ORDER BY o")
 _COST = "CASE WHEN state = 'pending' THEN reserved ELSE cost END"
 # Which ledger rows belong to a scope, for the first spend of a new budget row.
 _IN_SCOPE = ("CASE k.scope WHEN 'global' THEN true WHEN 'tenant' THEN r.tenant = k.id "
@@ -78,6 +85,13 @@ class PostgresLedger:
         self.writer = PgWriter(self._connect, self.replica)
         self._pool: asyncpg.Pool | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        # Request-path audit events waiting for their INSERT (a task drains them in batches).
+        self._audit_rows: list[AuditRow] = []
+        self._audit_wake = asyncio.Event()
+        self._audit_inserting = asyncio.Lock()  # a batch is in the table or the list, never both
+        self._audit_task: asyncio.Task[None] | None = None
+        self._audit_conn: asyncpg.Connection | None = None  # holds AUDIT_LOCK when writing
+        self._audit_locked = False
 
     async def _connect(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.url)
@@ -97,6 +111,7 @@ class PostgresLedger:
         await self.writer.start()
         self._housekeeping = asyncio.create_task(self._housekeep(),
                                                  name="costwall-pg-housekeeping")
+        self._audit_task = asyncio.create_task(self._audit_drain(), name="costwall-pg-audit")
 
     async def close(self) -> None:
         if self._housekeeping is not None:
@@ -105,10 +120,22 @@ class PostgresLedger:
                 await self._housekeeping
             self._housekeeping = None
         try:
-            await asyncio.wait_for(self.writer.flush(), self.op_timeout_s)
+            await asyncio.wait_for(self.flush(), self.op_timeout_s)
         except TimeoutError:
             log.error("ledger: database unreachable at shutdown; other replicas will reclaim "
                       "this one's open requests at their reserved cost")
+        if self._audit_rows:
+            log.error("ledger: %d audit events could not be stored before shutdown",
+                      len(self._audit_rows))
+        if self._audit_task is not None:
+            self._audit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._audit_task
+            self._audit_task = None
+        if self._audit_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._audit_conn.close()
+            self._audit_conn = None
         await self.writer.close()
         if self._pool is not None:
             # Gone for good: whatever is still open is reclaimed by the others after the window.
@@ -142,6 +169,8 @@ class PostgresLedger:
 
     async def flush(self) -> None:
         await self.writer.flush()
+        while self._audit_rows:
+            await asyncio.sleep(0.005)
 
     # -- replicas and crash recovery ---------------------------------------------------------
     async def heartbeat(self) -> None:
@@ -321,9 +350,15 @@ class PostgresLedger:
         return int(await self.pool.fetchval("SELECT COUNT(*) FROM requests"))
 
     # -- admin state (each change is announced to the other replicas) ------------------------
-    async def _change(self, kind: str, sql: str, *args: Any) -> str:
+    async def _change(self, kind: str, sql: str, *args: Any, audit: AuditRow | None = None
+                      ) -> str:
+        """An admin write, announced to the other replicas; with ``audit``, in one
+        transaction with its audit event (both or neither)."""
         async with self.pool.acquire() as conn, conn.transaction():
             status: str = await conn.execute(sql, *args)
+            if audit is not None and not status.endswith(" 0"):
+                await conn.execute(_INSERT_AUDIT, [audit.ts], [audit.kind], [audit.data],
+                                   self.replica)
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, kind)
         return status
 
@@ -332,23 +367,24 @@ class PostgresLedger:
             "SELECT value FROM settings WHERE key = $1", key)
         return value
 
-    async def set_setting(self, key: str, value: str) -> None:
+    async def set_setting(self, key: str, value: str, audit: AuditRow | None = None) -> None:
         await self._change(
             f"setting:{key}",
             "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, now()) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-            "updated_at = excluded.updated_at", key, value)
+            "updated_at = excluded.updated_at", key, value, audit=audit)
 
     async def caps(self) -> dict[ScopeKey, int | None]:
         rows = await self.pool.fetch("SELECT scope, id, monthly FROM budget_caps")
         return {(r[0], r[1]): r[2] for r in rows}
 
-    async def set_cap(self, key: ScopeKey, limit: int | None) -> None:
+    async def set_cap(self, key: ScopeKey, limit: int | None,
+                      audit: AuditRow | None = None) -> None:
         await self._change(
             "caps",
             "INSERT INTO budget_caps (scope, id, monthly, updated_at) VALUES ($1, $2, $3, now()) "
             "ON CONFLICT (scope, id) DO UPDATE SET monthly = excluded.monthly, "
-            "updated_at = excluded.updated_at", key[0], key[1], limit)
+            "updated_at = excluded.updated_at", key[0], key[1], limit, audit=audit)
 
     async def keys(self) -> list[KeyRecord]:
         rows = await self.pool.fetch(
@@ -356,17 +392,95 @@ class PostgresLedger:
             "prefix, agents FROM api_keys ORDER BY created_at, name")
         return [KeyRecord(*r[:8], tuple(r[8])) for r in rows]
 
-    async def add_key(self, record: KeyRecord) -> None:
+    async def add_key(self, record: KeyRecord, audit: AuditRow | None = None) -> None:
         await self._change(
             "keys",
             "INSERT INTO api_keys (name, key_sha256, tenant, agent, can_override, created_at, "
             "revoked_at, prefix, agents) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $8)",
             record.name, record.key_sha256, record.tenant, record.agent, record.can_override,
-            record.created_at, record.prefix, list(record.agents))
+            record.created_at, record.prefix, list(record.agents), audit=audit)
 
-    async def revoke_key(self, name: str, when: datetime) -> bool:
+    async def revoke_key(self, name: str, when: datetime, audit: AuditRow | None = None) -> bool:
         status = await self._change(
             "keys", "UPDATE api_keys SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL",
-            name, when)
+            name, when, audit=audit)
         return status != "UPDATE 0"
+
+    # -- the audit trail's queue and anchor (gateway.audit) ------------------------------------
+    # Every replica stores its events in the one shared table; the replica holding AUDIT_LOCK
+    # writes them all, in table order, into its files (one chain, one anchor). Another takes
+    # over when it stops; its files must then be the same files (a shared logs_dir), else its
+    # writer stops at the anchor check and /readyz says so (docs/operations.md).
+    def audit(self, row: AuditRow) -> None:
+        """Queue an audit event for the next INSERT batch (never waits, never raises)."""
+        self._audit_rows.append(row)
+        self._audit_wake.set()
+
+    async def _audit_drain(self) -> None:
+        delay = 0.05
+        while True:
+            await self._audit_wake.wait()
+            rows = self._audit_rows[:_AUDIT_BATCH]
+            if not rows:
+                self._audit_wake.clear()
+                continue
+            try:
+                async with self._audit_inserting:
+                    await self.pool.execute(_INSERT_AUDIT, [r.ts for r in rows],
+                                            [r.kind for r in rows], [r.data for r in rows],
+                                            self.replica)
+                    del self._audit_rows[:len(rows)]
+            except Exception as exc:  # the database is away: keep them and retry
+                log.warning("audit events not stored yet (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.05
+
+    async def audit_secret(self) -> bytes:
+        """The chain's key when COSTWALL_AUDIT_KEY is not set: generated once, shared."""
+        await self.pool.execute("INSERT INTO audit_secret (id, secret) VALUES (1, $1) "
+                                "ON CONFLICT (id) DO NOTHING", secrets.token_hex(32))
+        secret: str = await self.pool.fetchval("SELECT secret FROM audit_secret WHERE id = 1")
+        return secret.encode()
+
+    async def audit_lock(self) -> bool:
+        """True while this replica is the one that writes the audit files."""
+        conn = self._audit_conn
+        if conn is None or conn.is_closed():
+            self._audit_locked = False
+            self._audit_conn = conn = await asyncpg.connect(self.url)
+        if not self._audit_locked:
+            self._audit_locked = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)",
+                                                          AUDIT_LOCK))
+        return self._audit_locked
+
+    async def audit_pending(self, limit: int) -> tuple[Anchor, list[PendingEvent]]:
+        row = await self.pool.fetchrow(
+            "SELECT count, head, sizes, key_id FROM audit_anchor WHERE trail = 'main'")
+        anchor = anchor_from(dict(row)) if row else Anchor()
+        events = await self.pool.fetch(
+            "SELECT seq, kind, data FROM audit_events WHERE line IS NULL ORDER BY seq "
+            "LIMIT $1", limit) if limit else []
+        return anchor, [PendingEvent(int(r[0]), r[1], r[2]) for r in events]
+
+    async def audit_advance(self, old: Anchor, new: Anchor,
+                            written: list[tuple[int, int]]) -> None:
+        """Mark events as written and move the anchor, atomically (and only from ``old``)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "UPDATE audit_anchor SET count = $1, head = $2, sizes = $3, key_id = $4, "
+                "updated_at = now() WHERE trail = 'main' AND count = $5",
+                new.count, new.head, new.sizes_json(), new.key_id, old.count)
+            if status != "UPDATE 1":
+                raise RuntimeError("the audit anchor moved under the writer")
+            await conn.execute(
+                "UPDATE audit_events SET line = v.n FROM unnest($1::int8[], $2::int8[]) "
+                "AS v(seq, n) WHERE audit_events.seq = v.seq",
+                [seq for seq, _ in written], [n for _, n in written])
+
+    async def audit_backlog(self) -> int:
+        async with self._audit_inserting:  # else a batch being inserted counts twice
+            return int(await self.pool.fetchval(
+                "SELECT COUNT(*) FROM audit_events WHERE line IS NULL")) + len(self._audit_rows)
 

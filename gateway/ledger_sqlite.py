@@ -38,6 +38,9 @@ from typing import Any
 
 import aiosqlite
 
+from gateway.audit import Anchor, AuditRow, PendingEvent
+from gateway.audit_store import key_file
+from gateway.audit_verify import anchor_from
 from gateway.budget import ScopeKey
 from gateway.journal import Journal
 from gateway.ledger import COLUMNS, GROUP_BY, KeyRecord, LedgerEntry, UsageRow, fold_spend
@@ -75,7 +78,24 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE api_keys ADD COLUMN agents TEXT NOT NULL DEFAULT ''
     """,
+    # 3: the audit trail's durable queue (events not yet in the files have line NULL) and the
+    # anchor of its hash chain (gateway.audit)
+    """
+    CREATE TABLE audit_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, kind TEXT NOT NULL,
+        data TEXT NOT NULL, line INTEGER
+    );
+    CREATE INDEX audit_events_backlog ON audit_events (seq) WHERE line IS NULL;
+    CREATE TABLE audit_anchor (
+        trail TEXT PRIMARY KEY, count INTEGER NOT NULL, head TEXT NOT NULL,
+        sizes TEXT NOT NULL, key_id TEXT NOT NULL, updated_at TEXT NOT NULL
+    );
+    INSERT INTO audit_anchor VALUES ('main', 0,
+        '0000000000000000000000000000000000000000000000000000000000000000', '{}', '', '')
+    """,
 ]
+
+_INSERT_AUDIT = "INSERT INTO audit_events (ts, kind, data) VALUES (?, ?, ?)"
 
 _INSERT_PENDING = (
     f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
@@ -192,6 +212,24 @@ class _WriteConnection:
         # One stat per batch, in this thread: a commit into a deleted file is lost.
         check_file(self._path, self.identity)
         _transaction(self._conn, batch)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` in one transaction of its own (between two batches)."""
+        return await self._run(self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = self._conn
+        if conn is None:
+            raise sqlite3.ProgrammingError("the ledger's write connection is closed")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
 
     async def checkpoint(self) -> None:
         """Checkpoint the WAL and restart it (its fsync happens here, never on the loop).
@@ -541,23 +579,39 @@ class SqliteLedger:
         rows = await self._fetch("SELECT value FROM settings WHERE key = ?", (key,))
         return rows[0][0] if rows else None
 
-    async def set_setting(self, key: str, value: str) -> None:
-        await self._write(
+    async def _change(self, sql: str, params: tuple[Any, ...], audit: AuditRow | None) -> int:
+        """An admin write; with ``audit``, in one transaction with its audit event."""
+        if audit is None:
+            await self._write(sql, params)
+            return 1
+
+        def both(conn: sqlite3.Connection) -> int:
+            changed = conn.execute(sql, params).rowcount
+            if changed:
+                conn.execute(_INSERT_AUDIT, (audit.ts, audit.kind, audit.data))
+            return int(changed)
+
+        assert self._writer is not None
+        return int(await self._writer.call(both))
+
+    async def set_setting(self, key: str, value: str, audit: AuditRow | None = None) -> None:
+        await self._change(
             "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) "
             "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            (key, value, _ts(datetime.now(UTC))),
+            (key, value, _ts(datetime.now(UTC))), audit,
         )
 
     async def caps(self) -> dict[ScopeKey, int | None]:
         rows = await self._fetch("SELECT scope, id, monthly FROM budget_caps")
         return {(r[0], r[1]): r[2] for r in rows}
 
-    async def set_cap(self, key: ScopeKey, limit: int | None) -> None:
-        await self._write(
+    async def set_cap(self, key: ScopeKey, limit: int | None,
+                      audit: AuditRow | None = None) -> None:
+        await self._change(
             "INSERT INTO budget_caps (scope, id, monthly, updated_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (scope, id) DO UPDATE SET monthly = excluded.monthly, "
             "updated_at = excluded.updated_at",
-            (key[0], key[1], limit, _ts(datetime.now(UTC))),
+            (key[0], key[1], limit, _ts(datetime.now(UTC))), audit,
         )
 
     async def keys(self) -> list[KeyRecord]:
@@ -571,23 +625,66 @@ class SqliteLedger:
             for r in rows
         ]
 
-    async def add_key(self, record: KeyRecord) -> None:
-        await self._write(
+    async def add_key(self, record: KeyRecord, audit: AuditRow | None = None) -> None:
+        await self._change(
             "INSERT INTO api_keys (name, key_sha256, tenant, agent, can_override, created_at, "
             "revoked_at, prefix, agents) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
             (record.name, record.key_sha256, record.tenant, record.agent,
              int(record.can_override), _ts(record.created_at), record.prefix,
-             " ".join(record.agents)),
+             " ".join(record.agents)), audit,
         )
 
-    async def revoke_key(self, name: str, when: datetime) -> bool:
+    async def revoke_key(self, name: str, when: datetime, audit: AuditRow | None = None) -> bool:
         rows = await self._fetch(
             "SELECT 1 FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)
         )
         if not rows:
             return False
-        await self._write(
+        changed = await self._change(
             "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-            (_ts(when), name),
+            (_ts(when), name), audit,
         )
-        return True
+        return changed > 0
+
+    # -- the audit trail's queue and anchor (gateway.audit) ------------------------------------
+    def audit(self, row: AuditRow) -> None:
+        """Queue an audit event for the writer's next batch (never waits, never raises)."""
+        self._queue.put_nowait((_INSERT_AUDIT, (row.ts, row.kind, row.data), None, None))
+
+    async def audit_secret(self) -> bytes:
+        """The chain's key, kept beside the database in ``audit.key`` (0600)."""
+        return await asyncio.to_thread(key_file, self.path.parent / "audit.key")
+
+    async def audit_lock(self) -> bool:
+        return True  # one process owns a SQLite ledger
+
+    async def audit_pending(self, limit: int) -> tuple[Anchor, list[PendingEvent]]:
+        rows = await self._fetch(
+            "SELECT count, head, sizes, key_id FROM audit_anchor WHERE trail = 'main'")
+        anchor = anchor_from(dict(rows[0])) if rows else Anchor()
+        events = await self._fetch(
+            "SELECT seq, kind, data FROM audit_events WHERE line IS NULL ORDER BY seq "
+            "LIMIT ?", (limit,)) if limit else []
+        return anchor, [PendingEvent(int(r[0]), r[1], r[2]) for r in events]
+
+    async def audit_advance(self, old: Anchor, new: Anchor,
+                            written: list[tuple[int, int]]) -> None:
+        """Mark events as written and move the anchor, atomically."""
+
+        def advance(conn: sqlite3.Connection) -> None:
+            moved = conn.execute(
+                "UPDATE audit_anchor SET count = ?, head = ?, sizes = ?, key_id = ?, "
+                "updated_at = ? WHERE trail = 'main' AND count = ?",
+                (new.count, new.head, new.sizes_json(), new.key_id, _ts(datetime.now(UTC)),
+                 old.count)).rowcount
+            if moved != 1:
+                raise RuntimeError("the audit anchor moved under the writer")
+            conn.executemany("UPDATE audit_events SET line = ? WHERE seq = ?",
+                             [(n, seq) for seq, n in written])
+
+        assert self._writer is not None
+        await self._writer.call(advance)
+
+    async def audit_backlog(self) -> int:
+        rows = await self._fetch("SELECT COUNT(*) FROM audit_events WHERE line IS NULL")
+        return int(rows[0][0])

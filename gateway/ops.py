@@ -40,16 +40,23 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready for traffic: the ledger answers within ``READY_TIMEOUT_S`` and we are not draining."""
+    """Ready for traffic: the ledger answers within ``READY_TIMEOUT_S`` and we are not draining.
+
+    Also reports the audit trail: ``audit_backlog`` events are stored in the database but not
+    yet in the files, ``audit`` is ``ok``, ``pending`` or ``error`` (with ``audit_error``).
+    A backlog never makes the gateway unready: the events are durable in the database and
+    are written once the files can be; refusing traffic would not help them get there.
+    """
     if request.app[OPS].draining:
         return web.json_response({"status": "draining"}, status=503)
     gw = request.app[GATEWAY]
     try:
         ok = await asyncio.wait_for(gw.ledger.ping(), READY_TIMEOUT_S)
+        audit = await asyncio.wait_for(gw.audit.status(), READY_TIMEOUT_S)
     except Exception:  # a timeout or any driver error: not ready
-        ok = False
+        ok, audit = False, {}
     if ok:
-        return web.json_response({"status": "ready"})
+        return web.json_response({"status": "ready", **audit})
     return web.json_response({"status": "database unreachable"}, status=503)
 
 

@@ -75,6 +75,23 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE api_keys ADD COLUMN agents TEXT[] NOT NULL DEFAULT '{}';
     """,
+    # 3: the audit trail's durable queue (line NULL: not yet in the files), the anchor of its
+    # hash chain, and the chain's key when COSTWALL_AUDIT_KEY is not set (gateway.audit).
+    # ``data`` is TEXT, not JSONB: the files are rendered from these exact bytes.
+    """
+    CREATE TABLE audit_events (
+        seq BIGSERIAL PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
+        replica TEXT NOT NULL, line BIGINT
+    );
+    CREATE INDEX audit_events_backlog ON audit_events (seq) WHERE line IS NULL;
+    CREATE TABLE audit_anchor (
+        trail TEXT PRIMARY KEY, count BIGINT NOT NULL, head TEXT NOT NULL, sizes TEXT NOT NULL,
+        key_id TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    INSERT INTO audit_anchor (trail, count, head, sizes, key_id) VALUES ('main', 0,
+        '0000000000000000000000000000000000000000000000000000000000000000', '{}', '');
+    CREATE TABLE audit_secret (id INTEGER PRIMARY KEY CHECK (id = 1), secret TEXT NOT NULL);
+    """,
 ]
 
 

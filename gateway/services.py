@@ -2,7 +2,8 @@
 
 ``Gateway`` is the one object handlers reach through ``request.app[GATEWAY]``; it also owns
 the side effects of a decision (audit lines, metrics), so the request path only says *what*
-happened.
+happened. Recording an audit event only queues it (``AuditTrail.record`` never raises and never
+touches a file), so it cannot change a request's answer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.audit import AuditTrail
+from gateway.audit import AuditRow, AuditTrail
 from gateway.budget import BudgetEngine, Crossing
 from gateway.config import Settings
 from gateway.errors import BudgetExceeded
@@ -155,8 +156,18 @@ class Gateway:
 
     def record_admin(self, actor: str, action: str, target: str, detail: str = "",
                      reason: str = "") -> None:
-        self.audit.record("admin", {"actor": actor, "action": action, "target": target,
-                                    "detail": detail, "reason": reason})
+        self.audit.record("admin", self._admin_fields(actor, action, target, detail, reason))
+
+    def admin_row(self, actor: str, action: str, target: str, detail: str = "",
+                  reason: str = "") -> AuditRow:
+        """An admin event to commit with the change it describes (``admin.ops``)."""
+        return self.audit.row("admin", self._admin_fields(actor, action, target, detail, reason))
+
+    @staticmethod
+    def _admin_fields(actor: str, action: str, target: str, detail: str,
+                      reason: str) -> dict[str, Any]:
+        return {"actor": actor, "action": action, "target": target, "detail": detail,
+                "reason": reason}
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -193,7 +193,9 @@ class Stack:
         return http_request(method, self.url + path, **kwargs)
 
     def flush(self) -> None:
+        """Every queued ledger write committed and every stored audit event in the files."""
         self.lt.run(self.gw.ledger.flush())
+        self.lt.run(self.gw.audit.flush())
 
     def rows(self) -> list[Any]:
         self.flush()

@@ -69,6 +69,7 @@ def scope_row(stack: Stack, scope: str, scope_id: str) -> dict[str, Any] | None:
 
 
 def admin_events(stack: Stack) -> list[dict[str, Any]]:
+    stack.flush()
     return [e for e in stack.gw.audit.events("admin")]
 
 
@@ -333,6 +334,7 @@ def test_override_toggle_is_enforced_audited_and_persisted(admin_stack: Stack) -
     assert state["enabled"] is True and state["reason"] == "incident 4711"
     assert state["actor"] == "admin (api, 127.0.0.1)" and state["changed_at"].endswith("Z")
     assert chat(s, campaign=XSS).usage.total_tokens > 0
+    s.flush()
     executed = list(s.gw.audit.events("override"))
     assert executed[-1]["reason"] == "global override: incident 4711"
     assert executed[-1]["campaign"] == XSS

@@ -139,6 +139,7 @@ def test_override_on_and_off_with_banner(ui: UI) -> None:
     assert page.locator("#override-banner").count() == 0
     assert page.locator("#override-state").inner_text() == "OFF"
     assert not ui.stack.gw.overrides.state.enabled
+    ui.stack.flush()
     actions = [e["action"] for e in ui.stack.gw.audit.events("admin")][-2:]
     assert actions == ["override.on", "override.off"]
     page.context.close()

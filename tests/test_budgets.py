@@ -197,6 +197,7 @@ def test_warnings_header_and_audit_once(tmp_path: Path) -> None:
             assert remaining >= 0
         assert warned[0] is None and warned[-1] is not None
         assert warned[-1].startswith("tenant:acme ") and warned[-1].endswith("%")
+        stack.flush()
         warnings = [e for e in stack.gw.audit.events("warning")]
         assert len(warnings) == 1 and warnings[0]["threshold"] == "80%"
     finally:
@@ -302,6 +303,7 @@ def test_audit_chain_detects_edits(tmp_path: Path) -> None:
         for _ in range(3):
             with pytest.raises(openai.APIStatusError):
                 stack.client().chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        stack.flush()
         config = tmp_path / "costwall.yaml"
         check = [sys.executable, "-m", "gateway.cli", "check", "--audit", "--config",
                  str(config)]
@@ -314,7 +316,7 @@ def test_audit_chain_detects_edits(tmp_path: Path) -> None:
         lines[1] = orjson.dumps(record)
         events.write_bytes(b"\n".join(lines) + b"\n")
         bad = subprocess.run(check, capture_output=True, text=True, cwd=ROOT)
-        assert bad.returncode == 1 and "line 3" in bad.stdout
+        assert bad.returncode == 1 and "events.jsonl line 2:" in bad.stdout  # the edited one
         for line in lines:
             assert b"Write one line" not in line and b"sk-cw-" not in line
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import http.client
 import io
 import json
@@ -325,7 +326,8 @@ def test_bytes_that_are_not_utf8_are_4xx_never_500(tmp_path: Path) -> None:
             status, _, body = raw_http(stack.port, method, path, admin, payload)
             assert status == 400, payload
             assert json.loads(body)["error"]["param"] == "reason"
-        report = verify_chain(stack.settings.logs_dir / "budget" / "events.jsonl")
+        stack.flush()
+        report = stack.lt.run(stack.gw.audit.verify())
         assert report.ok and report.lines == 1  # the one override execution
     finally:
         stack.close()
@@ -427,6 +429,7 @@ def test_audit_files_have_the_contract_columns_and_a_hash_chain(tmp_path: Path) 
                             json={"monthly_usd": "5", "reason": "more room"},
                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         assert api.status == 200
+        stack.flush()  # the files are written from the database in the background
         folder = stack.settings.logs_dir / "budget"
         blocked = md_table(folder / "blocked-executions.md")
         assert blocked[0] == EXECUTION_COLUMNS and len(blocked) == 2
@@ -445,10 +448,14 @@ def test_audit_files_have_the_contract_columns_and_a_hash_chain(tmp_path: Path) 
         assert "cap.set" in admin[1] and "more room" in admin[1]
         lines = (folder / "events.jsonl").read_bytes().splitlines()
         assert [json.loads(line)["kind"] for line in lines] == ["blocked", "override", "admin"]
-        prev = GENESIS
-        for line in lines:
-            assert json.loads(line)["prev"] == prev
-            prev = hashlib.sha256(line).hexdigest()
+        prev, key = GENESIS, stack.gw.audit.key
+        assert key is not None
+        for n, line in enumerate(lines, start=1):
+            record = json.loads(line)
+            assert (record["n"], record["prev"]) == (n, prev)
+            body = line[:line.rindex(b',"mac":"')] + b"}"  # HMAC-SHA256 of the line itself
+            assert record["mac"] == hmac.new(key, body, hashlib.sha256).hexdigest()
+            prev = record["mac"]
         everything = b"".join(p.read_bytes() for p in folder.iterdir())
         for secret in (KEYS["acme-content"]["key"], KEYS["acme-ops"]["key"], ADMIN_TOKEN,
                        UPSTREAM_KEY, MSG[0]["content"]):
@@ -498,6 +505,7 @@ def test_every_admin_route_needs_credentials(tmp_path: Path) -> None:
                     assert resp.status == 303, (method, path)
                     assert resp.headers["Location"].startswith("/admin/login?next=")
                 assert b"acme" not in body and b"limit_usd" not in body, (method, path)
+        stack.flush()
         assert list(stack.gw.audit.events()) == []
         assert stack.gw.budgets.limits[("tenant", "acme")] == to_pico("7")
         # a wrong bearer token is refused too (and soon rate limited), never served
@@ -535,6 +543,7 @@ def test_finance_cannot_write_through_any_route(admin_stack_with_session: Any) -
                     "scope": "tenant", "id": "acme", "monthly_usd": "1", "name": "acme-content",
                     "tenant": "acme"}
             assert finance.post(path, form).status == 403, path
+    stack.flush()
     assert list(stack.gw.audit.events("admin")) == []
     assert not stack.gw.overrides.state.enabled
 
@@ -567,6 +576,7 @@ def test_every_state_changing_form_needs_its_csrf_token(tmp_path: Path) -> None:
                 data = form if csrf is None else {**form, "csrf": csrf}
                 resp = browser.post(path, data)
                 assert resp.status == 403 and b"security token" in resp.body, (path, csrf)
+        stack.flush()
         assert list(stack.gw.audit.events()) == []
         assert not stack.gw.overrides.state.enabled
         assert stack.gw.budgets.limits[("tenant", "acme")] == to_pico("7")
@@ -782,7 +792,8 @@ def test_admin_api_fuzz_never_answers_5xx(tmp_path: Path) -> None:
                 conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
         conn.close()
         assert time.monotonic() - started < 10
-        assert verify_chain(stack.settings.logs_dir / "budget" / "events.jsonl").ok
+        stack.flush()
+        assert stack.lt.run(stack.gw.audit.verify()).ok
         assert stack.request("GET", "/readyz").status == 200
     finally:
         stack.close()

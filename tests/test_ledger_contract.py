@@ -247,3 +247,35 @@ async def test_keys_add_and_revoke(backend: Backend) -> None:
     assert await ledger.keys() == [replace(a, revoked_at=revoked_at), b]
     with pytest.raises(Exception):  # noqa: B017  (each driver raises its own integrity error)
         await ledger.add_key(replace(a, name="other"))  # same secret twice
+
+
+async def test_audit_queue_anchor_and_atomic_admin_changes(backend: Backend) -> None:
+    from gateway.audit import Anchor, AuditRow
+
+    ledger = await backend.open()
+    row = AuditRow("blocked", "2026-11-03T09:30:00.000000Z", '{"time": "t", "reason": "r"}')
+    ledger.audit(row)
+    ledger.audit(AuditRow("warning", row.ts, '{"time": "t2"}'))
+    # An admin change carries its event in the same transaction; a no-op revoke records none.
+    admin = AuditRow("admin", row.ts, '{"time": "t3", "action": "cap.set"}')
+    await ledger.set_cap(("tenant", "acme"), 10**12, audit=admin)
+    assert not await ledger.revoke_key("nobody", T0, audit=admin)
+    await ledger.flush()
+    anchor, pending = await ledger.audit_pending(10)
+    assert (anchor.count, anchor.sizes) == (0, {})
+    # Queued events keep their order; an admin change commits when it is made (maybe first).
+    assert [p.seq for p in pending] == sorted(p.seq for p in pending)
+    assert [(p.kind, p.data) for p in pending if p.kind != "admin"] == [
+        ("blocked", row.data), ("warning", '{"time": "t2"}')]
+    assert [p.data for p in pending if p.kind == "admin"] == [admin.data]
+    assert await ledger.audit_backlog() == 3
+    moved = Anchor(2, "f" * 64, {"events.jsonl": 10}, "k")
+    first, rest = pending[:2], pending[2]
+    await ledger.audit_advance(anchor, moved, [(first[0].seq, 1), (first[1].seq, 2)])
+    with pytest.raises(RuntimeError):  # only from the anchor it read: a second writer loses
+        await ledger.audit_advance(anchor, Anchor(1, "e" * 64, {}, "k"), [(rest.seq, 1)])
+    anchor, pending = await ledger.audit_pending(10)
+    assert (anchor.count, anchor.head, anchor.sizes) == (2, "f" * 64, {"events.jsonl": 10})
+    assert pending == [rest] and await ledger.audit_backlog() == 1
+    assert await ledger.audit_secret() == await ledger.audit_secret()
+    assert await ledger.audit_lock()
