@@ -144,6 +144,16 @@ class Metrics:
             ["endpoint"], buckets=DURATION_BUCKETS, registry=r)
         self.warnings = Counter("costwall_budget_warnings", "Warn thresholds crossed.",
                                 ["scope", "id"], registry=r)
+        # Counted for each capped scope of a request charged beyond its reservation; only
+        # scopes with a cap become labels, as for the budget gauges.
+        self.overshoot = Counter(
+            "costwall_budget_overshoot_usd",
+            "Charged beyond the reserved upper bound (USD), per capped scope: an upstream "
+            "billed past the documented bound.", ["scope", "id"], registry=r)
+        self.usage_invalid = Counter(
+            "costwall_usage_invalid",
+            "Upstream usages not believed (malformed or beyond what the request allows).",
+            ["endpoint"], registry=r)
         self.budget_view: BudgetView | None = None
         self._expose = make_aiohttp_handler(r)
         # ``.labels()`` validates and hashes its arguments under a lock on every call (a few

@@ -71,6 +71,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (period, scope, id, threshold)
     );
     """,
+    # 2: what a request was charged beyond its reservation (an upstream billed past the bound)
+    """
+    ALTER TABLE requests ADD COLUMN overshoot BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX requests_overshoot ON requests (period) WHERE overshoot > 0;
+    """,
 ]
 
 
