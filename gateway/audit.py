@@ -32,7 +32,7 @@ FILES = {
     # A request charged more than its reserved upper bound (the upstream billed past it).
     "overshoot": ("overshoot-executions.md", "Overshoot executions",
                   ("time", "request_id", "tenant", "agent", "campaign", "task", "model",
-                   "usage_source", "reserved_usd", "cost_usd", "overshoot_usd", "scopes")),
+                   "usage_source", "reserved_usd", "cost_usd", "overshoot_usd", "scope")),
 }
 
 

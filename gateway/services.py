@@ -152,7 +152,7 @@ class Gateway:
             "usage_source": call.usage_source,
             "reserved_usd": format_usd(cost - overshoot), "cost_usd": format_usd(cost),
             "overshoot_usd": format_usd(overshoot),
-            "scopes": " ".join(f"{s}:{i}" for s, i in capped)})
+            "scope": " ".join(f"{s}:{i}" for s, i in capped)})
 
     def record_crossings(self, crossings: list[Crossing]) -> None:
         """Metrics and one audit line per newly crossed warn threshold.
