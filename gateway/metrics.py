@@ -144,12 +144,13 @@ class Metrics:
             ["endpoint"], buckets=DURATION_BUCKETS, registry=r)
         self.warnings = Counter("costwall_budget_warnings", "Warn thresholds crossed.",
                                 ["scope", "id"], registry=r)
-        # Counted for each capped scope of a request charged beyond its reservation; only
-        # scopes with a cap become labels, as for the budget gauges.
+        # Counted once for each capped scope (global, tenant, agent, campaign, key) of a
+        # request charged beyond its reservation. The label is the scope's kind, as SPEC
+        # names it; which tenant or agent is in the ledger, the audit log and /admin.
         self.overshoot = Counter(
             "costwall_budget_overshoot_usd",
-            "Charged beyond the reserved upper bound (USD), per capped scope: an upstream "
-            "billed past the documented bound.", ["scope", "id"], registry=r)
+            "Charged beyond the reserved upper bound (USD), per kind of capped scope: an "
+            "upstream billed past the documented bound.", ["scope"], registry=r)
         self.usage_invalid = Counter(
             "costwall_usage_invalid",
             "Upstream usages not believed (malformed or beyond what the request allows).",

@@ -142,8 +142,8 @@ class Gateway:
         scopes = call.reservation.scopes if call.reservation else ()
         capped = [k for k in scopes if k in self.budgets.limits]
         usd = overshoot / PICO_PER_USD
-        for scope, scope_id in capped:
-            self.metrics.child(self.metrics.overshoot, scope, scope_id).inc(usd)
+        for scope in dict.fromkeys(s for s, _ in capped):
+            self.metrics.child(self.metrics.overshoot, scope).inc(usd)
         log.warning("overshoot: request %s (model %s) cost $%s, $%s beyond its reserved "
                     "bound", call.id, call.price.name, format_usd(cost), format_usd(overshoot))
         self.audit.record("overshoot", {
