@@ -188,6 +188,10 @@ async def admit(gw: Gateway, request: web.Request, endpoint: str) -> Call:
     tier = payload.get("service_tier")
     tier = tier if isinstance(tier, str) else None
     amount = price.upper_bound(est.prompt_tokens, est.total_output, tier)
+    if amount > LEDGER_MAX_COST:  # e.g. max_tokens 10**17: no model allows it, no row holds it
+        raise BadRequest(f"The output limit '{est.output_field or 'max_tokens'}' is too large: "
+                         "this request's cost bound does not fit costwall's ledger.",
+                         param=est.output_field)
     clamp = None
     if est.output_field and est.output_tokens:
         clamp = ClampRequest(price.upper_bound(est.prompt_tokens, 0, tier),

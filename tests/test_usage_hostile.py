@@ -304,3 +304,19 @@ async def test_overshoot_column_and_totals(backend: Backend) -> None:  # noqa: F
     assert found[("tenant", "acme")] == (400, 1) and found[("campaign", "spring")] == (400, 1)
     assert found[("agent", "research")] == (20, 1)
     assert await ledger.overshoot("2026-10") == {}
+
+
+def test_an_output_limit_no_ledger_row_can_hold_is_a_400(make_stack: Any) -> None:
+    """Without caps a reservation of max_tokens=10**17 x 128 choices would be granted, its
+    pending row would not fit a 64-bit column, and the journal would keep it for a recovery
+    that could never store it."""
+    stack: Stack = make_stack()
+    with pytest.raises(openai.BadRequestError) as exc:
+        stack.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
+                                               max_tokens=10**17, n=128)
+    assert exc.value.body["param"] == "max_tokens"  # type: ignore[index]
+    assert stack.state.total_requests == 0 and stack.rows() == []
+    stack.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
+                                           max_tokens=10**6)  # large but storable: forwarded
+    stack.restart()
+    assert stack.request("GET", "/readyz").status == 200
