@@ -160,7 +160,12 @@ _BOM = b"\xef\xbb\xbf"
 
 def sse_data(event: bytes) -> bytes:
     """The data of one SSE event: its ``data`` lines joined by LF (WHATWG SSE rules)."""
-    lines = event.split(b"\n") if b"\r" not in event else _LINE_END.split(event)
+    if b"\r" not in event:
+        if event.startswith(b"data: ") and b"\n" not in event:  # what OpenAI sends
+            return event[6:]
+        lines = event.split(b"\n")
+    else:
+        lines = _LINE_END.split(event)
     parts = []
     for line in lines:
         if not line.startswith(b"data"):
@@ -208,6 +213,20 @@ class StreamMeter:
             self._started = True
             if data.startswith(_BOM):  # forwarded as it came, ignored when parsing
                 self._inspect_from = len(_BOM)
+        if b"\r" not in data:  # LF only, as OpenAI frames it: no regex needed
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                self._buffer = data
+                return lead
+            complete, self._buffer = data[: end + 2], data[end + 2 :]
+            if not self.strip_usage_chunk:
+                for event in complete.split(b"\n\n"):
+                    if event:
+                        self._inspect(event)
+                return lead + complete
+            kept = [event + b"\n\n" for event in complete[:-2].split(b"\n\n")
+                    if not event or self._inspect(event)]
+            return lead + b"".join(kept)
         out = [lead] if lead else []
         start = 0
         for match in _EVENT_END.finditer(data):
