@@ -155,6 +155,12 @@ class Metrics:
             "costwall_usage_invalid",
             "Upstream usages not believed (malformed or beyond what the request allows).",
             ["endpoint"], registry=r)
+        # Present at 0 from the start, so that ``increase()`` in an alert rule sees the first
+        # overshoot or invalid usage (a series born at 1 has no increase to show).
+        for scope in ("global", "tenant", "agent", "campaign", "key"):
+            self.overshoot.labels(scope)
+        for endpoint in ("chat", "completions", "embeddings", "responses"):
+            self.usage_invalid.labels(endpoint)
         self.budget_view: BudgetView | None = None
         self._expose = make_aiohttp_handler(r)
         # ``.labels()`` validates and hashes its arguments under a lock on every call (a few
