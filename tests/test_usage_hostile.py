@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.budget import GLOBAL
 from gateway.estimate import Estimate, estimate
-from gateway.ledger import Ledger
+from gateway.ledger import COLUMNS, Ledger
+from gateway.ledger_sqlite import SqliteLedger, _row
 from gateway.money import format_usd, to_pico
 from gateway.pricing import Usage
 from gateway.tokens import count_text, encoding
@@ -320,3 +323,22 @@ def test_an_output_limit_no_ledger_row_can_hold_is_a_400(make_stack: Any) -> Non
                                            max_tokens=10**6)  # large but storable: forwarded
     stack.restart()
     assert stack.request("GET", "/readyz").status == 200
+
+
+async def test_journal_rows_written_before_the_overshoot_column_are_recovered(
+        tmp_path: Path) -> None:
+    """A crash under the previous version leaves journal rows one field short: the upgrade's
+    recovery still settles them at their reserved amount."""
+    path = tmp_path / "ledger.db"
+    old_row = list(_row(replace(entry(7), replica="local")))[:-1]
+    assert len(old_row) == len(COLUMNS) - 1
+    path.with_name("ledger.db.journal.1").write_bytes(orjson.dumps(old_row) + b"\n")
+    ledger = SqliteLedger(path)
+    await ledger.start()
+    try:
+        assert await ledger.recover() == 1
+        [row] = await ledger.entries("2026-11")
+        assert (row.id, row.state, row.cost, row.usage_source, row.overshoot) == (
+            "cw-0007", "settled", 10_000, "reserved", 0)
+    finally:
+        await ledger.close()
