@@ -76,7 +76,7 @@ def check_usage(usage: Usage, bounds: UsageBounds) -> str | None:
     return None
 
 
-def _count(usage: Mapping[str, Any], name: str, required: bool) -> int:
+def _count(usage: dict[str, Any], name: str, required: bool) -> int:
     value = usage.get(name)
     if value is None and not required:
         return 0
@@ -87,11 +87,11 @@ def _count(usage: Mapping[str, Any], name: str, required: bool) -> int:
     return value
 
 
-def _details(usage: Mapping[str, Any], name: str, field: str) -> int:
+def _details(usage: dict[str, Any], name: str, field: str) -> int:
     details = usage.get(name)
     if details is None:
         return 0
-    if not isinstance(details, Mapping):
+    if not isinstance(details, dict):  # parsed JSON: a dict (an ABC check costs µs here)
         raise InvalidUsage(f"{name} is not an object")
     return _count(details, field, required=False)
 
@@ -100,7 +100,7 @@ def _usage(usage: Any, prompt: str, completion: str, completion_required: bool,
            prompt_details: str, completion_details: str) -> Usage | None:
     if usage is None:
         return None
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         raise InvalidUsage("usage is not an object")
     result = Usage(
         prompt_tokens=_count(usage, prompt, required=True),
@@ -143,7 +143,7 @@ def usage_from_body(endpoint: str, body: bytes) -> Usage | None:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise InvalidUsage("the answer carries a usage but is not valid JSON") from None
-    if not isinstance(data, Mapping):
+    if not isinstance(data, dict):
         return None
     if endpoint == "responses":
         return usage_from_responses(data.get("usage"))
@@ -260,8 +260,8 @@ class StreamMeter:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return True
-        if not isinstance(obj, Mapping):
-            return True
+        if not isinstance(obj, dict):  # ``dict``, not ``Mapping``: parsed JSON, and an ABC
+            return True               # check per event costs more than the rest of this
         if self.endpoint == "responses":
             self._responses_event(obj)
             return True
@@ -271,18 +271,18 @@ class StreamMeter:
             if self.strip_usage_chunk and not obj.get("choices"):
                 return False
         for choice in obj.get("choices") or ():
-            if not isinstance(choice, Mapping):
+            if not isinstance(choice, dict):
                 continue
             if isinstance(choice.get("text"), str):
                 self.texts.append(choice["text"])
             delta = choice.get("delta")
-            if isinstance(delta, Mapping):
+            if isinstance(delta, dict):
                 for field in ("content", "refusal", "reasoning_content"):
                     if isinstance(delta.get(field), str):
                         self.texts.append(delta[field])
                 for call in delta.get("tool_calls") or ():
-                    function = call.get("function") if isinstance(call, Mapping) else None
-                    if isinstance(function, Mapping):
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict):
                         for field in ("name", "arguments"):
                             if isinstance(function.get(field), str):
                                 self.texts.append(function[field])
@@ -306,7 +306,7 @@ class StreamMeter:
             self.texts.append(obj["delta"])
         elif kind.encode() in _RESPONSES_FINAL:
             response = obj.get("response")
-            if isinstance(response, Mapping):
+            if isinstance(response, dict):
                 self._take(usage_from_responses, response.get("usage"))
 
     @property
