@@ -178,7 +178,7 @@ def sse_data(event: bytes) -> bytes:
 
 
 class StreamMeter:
-    """Relays an SSE stream event by event while watching for usage and streamed text.
+    r"""Relays an SSE stream event by event while watching for usage and streamed text.
 
     >>> m = StreamMeter("chat")
     >>> m.feed(b'data: {"choices": [{"delta": {"content": "hi"}}]}\r\n\r\ndata: [DO')
@@ -202,12 +202,11 @@ class StreamMeter:
     def feed(self, chunk: bytes) -> bytes:
         """Accept upstream bytes; return the bytes to send to the client now."""
         lead = b""
-        if self._cr_end is not None:
+        if self._cr_end is not None and chunk:
             if chunk[:1] == b"\n":
                 lead = b"\n" if self._cr_end else b""
                 chunk = chunk[1:]
-            if chunk:
-                self._cr_end = None
+            self._cr_end = None
         data = self._buffer + chunk if self._buffer else chunk
         if not self._started and data:
             self._started = True

@@ -63,6 +63,15 @@ def test_meter_mixed_line_endings_and_cr_split_from_lf(size: int) -> None:
     assert out == stream.replace(usage_event + b"\r\r\n", b"")
 
 
+def test_meter_lf_after_a_dropped_cr_event_comes_alone() -> None:
+    usage_event = b'data: {"choices":[],"usage":' + USAGE + b"}"
+    meter = StreamMeter("chat", strip_usage_chunk=True)
+    out = meter.feed(usage_event + b"\n\r")  # ends in CR: an LF may complete it
+    out += meter.feed(b"\n")                  # it does: dropped with the usage event
+    out += meter.feed(b"\ndata: [DONE]\n\n")  # a blank line of its own: forwarded
+    assert out + meter.finish() == b"\ndata: [DONE]\n\n" and meter.usage is not None
+
+
 def test_meter_responses_events_with_crlf() -> None:
     stream = responses_stream(Plan(newline=b"\r\n", usage=b'{"input_tokens":4,'
                                    b'"output_tokens":9,"output_tokens_details":'
