@@ -55,7 +55,7 @@ CSV_COLUMNS = (
     "timestamp", "request_id", "tenant", "agent", "campaign", "task", "model",
     "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_usd",
     "override", "override_reason", "key_name", "endpoint", "status", "usage_source", "state",
-    "latency_ms",
+    "latency_ms", "overshoot_usd",
 )
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 __all__ = [  # the invoice API, including what it re-exports from admin.pdf_sandbox
@@ -366,7 +366,7 @@ def render_csv(invoice: Invoice) -> bytes:
             e.completion_tokens, e.reasoning_tokens, format_usd(charge(e)),
             "true" if e.override else "false", neutralise(e.override_reason),
             neutralise(e.key_name), neutralise(e.endpoint), e.status, e.usage_source, e.state,
-            e.latency_ms,
+            e.latency_ms, format_usd(e.overshoot),
         ))
     return buf.getvalue().encode("utf-8")
 

@@ -53,6 +53,9 @@ class ScopeView:
     status: ScopeStatus
     source: str  # "config" or "admin"
     level: str   # "ok", "warn" (past the first warn_at threshold) or "over" (at the cap)
+    # pico-USD charged beyond reservations this month and how many requests did (an upstream
+    # billed past the admission bound; see gateway.proxy.settle)
+    overshoot: tuple[int, int] = (0, 0)
 
     @property
     def percent(self) -> Decimal:
@@ -71,7 +74,9 @@ class ScopeView:
         return {"scope": s.scope, "id": s.id, "limit_usd": limit, "spent_usd": spent,
                 "reserved_usd": reserved, "limit": limit, "spent": spent, "reserved": reserved,
                 "utilization": str(s.utilization.quantize(Decimal("0.000001"))),
-                "source": self.source, "level": self.level}
+                "source": self.source, "level": self.level,
+                "overshoot_usd": format_usd(self.overshoot[0]),
+                "overshoot_requests": self.overshoot[1]}
 
 
 AT_CAP = Decimal("0.98")
@@ -92,10 +97,11 @@ async def scopes(gw: Gateway) -> tuple[str, list[ScopeView]]:
     period = gw.budgets.current_period()
     await gw.budgets.book(period)
     admin_caps = await gw.ledger.caps()
+    over = await gw.ledger.overshoot(period)
     order = {"global": 0, "tenant": 1, "agent": 2, "campaign": 3, "key": 4}
     views = [
         ScopeView(s, "admin" if (s.scope, s.id) in admin_caps else "config",
-                  level(s, gw.budgets.warn_at))
+                  level(s, gw.budgets.warn_at), over.get((s.scope, s.id), (0, 0)))
         for s in gw.budgets.status(period)
     ]
     views.sort(key=lambda v: (order.get(v.status.scope, 9), v.status.id))

@@ -9,6 +9,7 @@ from admin.auth import requires
 from admin.charts import daily_chart
 from admin.errors import BadInput
 from admin.render import render
+from gateway.budget import GLOBAL
 from gateway.services import GATEWAY
 
 TOP_N = 8
@@ -23,8 +24,10 @@ async def dashboard(request: web.Request) -> web.Response:
     days = await ops.usage(gw, period, "day")
     tops = {group: (await ops.usage(gw, period, group))[:TOP_N]
             for group in ("agent", "campaign", "model")}
+    overshoot = (await gw.ledger.overshoot(period)).get(GLOBAL, (0, 0))
     return render(request, "dashboard.html", {
-        "period": period, "scopes": scopes,
+        "period": period, "scopes": scopes, "overshoot": overshoot,
+        "overshoot_column": any(v.overshoot[1] for v in scopes),
         "chart": daily_chart(period, {r.group: r.cost for r in days}),
         "tops": tops, "total": sum(r.cost for r in days),
         "requests": sum(r.requests for r in days),

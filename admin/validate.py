@@ -22,7 +22,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")  # same rule as co
 # The ledger keeps pico-USD in 64-bit integers: 9.2e18 pico is about $9.2M.
 MAX_CAP_USD = Decimal(9_000_000)
 MAX_REASON = 500
-LOG_KINDS = ("blocked", "override", "admin")
+LOG_KINDS = ("blocked", "override", "admin", "overshoot")
 USAGE_GROUPS = GROUP_BY
 
 

@@ -50,6 +50,10 @@ FILES = {
     "admin": ("admin-actions.md", "Admin actions", ADMIN_COLUMNS),
     "warning": ("budget-warnings.md", "Budget warnings",
                 ("time", "scope", "id", "period", "threshold", "limit_usd", "spent_usd")),
+    # A request charged more than its reserved upper bound (the upstream billed past it).
+    "overshoot": ("overshoot-executions.md", "Overshoot executions",
+                  ("time", "request_id", "tenant", "agent", "campaign", "task", "model",
+                   "usage_source", "reserved_usd", "cost_usd", "overshoot_usd", "scope")),
 }
 BATCH = 500  # events appended per writer step
 RETRY_MAX_S = 30.0  # backoff ceiling while the directory cannot be written

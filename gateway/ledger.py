@@ -19,7 +19,9 @@ from gateway.budget import GLOBAL, ScopeKey
 if TYPE_CHECKING:
     from gateway.audit import Anchor, AuditRow, PendingEvent
 
-USAGE_SOURCES = ("upstream", "counted", "reserved", "none")
+# invalid: the upstream reported a usage that cannot be real (gateway.usage); the request
+# was charged by counting, or at its reserved bound when there was nothing to count.
+USAGE_SOURCES = ("upstream", "counted", "reserved", "none", "invalid")
 GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task")
 
 
@@ -51,6 +53,9 @@ class LedgerEntry:
     override_reason: str | None = None
     latency_ms: int = 0
     replica: str = ""
+    # pico-USD charged beyond ``reserved``: the upstream billed more than the admission bound
+    # (0 for every request the bound held for). Flagged, never hidden.
+    overshoot: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +161,10 @@ class Ledger(Protocol):
     async def audit_backlog(self) -> int:
         """Events stored but not yet in the files."""
 
+    async def overshoot(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
+        """Per (scope, id): pico-USD charged beyond reservations in a period, and how many
+        requests did (only scopes that had any)."""
+
     async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
         """Settled totals of a period grouped by one of ``GROUP_BY``."""
 
@@ -179,6 +188,22 @@ def fold_spend(rows: list[tuple[str, str, str | None, str, int]]) -> dict[ScopeK
         if campaign:
             spend[("campaign", campaign)] = spend.get(("campaign", campaign), 0) + cost
     return spend
+
+
+def fold_overshoot(
+    rows: list[tuple[str, str, str | None, str, int, int]]
+) -> dict[ScopeKey, tuple[int, int]]:
+    """Turn (tenant, agent, campaign, key_name, overshoot, count) groups into per-scope
+    (overshoot, count), as ``fold_spend`` does for spend."""
+    found: dict[ScopeKey, tuple[int, int]] = {}
+    for tenant, agent, campaign, key_name, amount, count in rows:
+        keys = [GLOBAL, ("tenant", tenant), ("agent", agent), ("key", key_name)]
+        if campaign:
+            keys.append(("campaign", campaign))
+        for key in keys:
+            total, n = found.get(key, (0, 0))
+            found[key] = (total + int(amount or 0), n + int(count or 0))
+    return found
 
 
 def open_ledger(url: str, **options: Any) -> Ledger:

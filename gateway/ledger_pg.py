@@ -31,7 +31,15 @@ import orjson
 from gateway.audit import Anchor, AuditRow, PendingEvent
 from gateway.audit_verify import anchor_from
 from gateway.budget import ScopeKey
-from gateway.ledger import COLUMNS, GROUP_BY, KeyRecord, LedgerEntry, UsageRow, fold_spend
+from gateway.ledger import (
+    COLUMNS,
+    GROUP_BY,
+    KeyRecord,
+    LedgerEntry,
+    UsageRow,
+    fold_overshoot,
+    fold_spend,
+)
 from gateway.pg_schema import migrate
 from gateway.pg_writer import (
     BeginOp,
@@ -316,6 +324,13 @@ class PostgresLedger:
             f"SELECT tenant, agent, campaign, key_name, SUM({_COST}) FROM requests "
             "WHERE period = $1 GROUP BY tenant, agent, campaign, key_name", period)
         return fold_spend([(r[0], r[1], r[2], r[3], _int(r[4])) for r in rows])
+
+    async def overshoot(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
+        rows = await self.pool.fetch(
+            "SELECT tenant, agent, campaign, key_name, SUM(overshoot), COUNT(*) FROM requests "
+            "WHERE period = $1 AND overshoot > 0 GROUP BY tenant, agent, campaign, key_name",
+            period)
+        return fold_overshoot([(r[0], r[1], r[2], r[3], _int(r[4]), int(r[5])) for r in rows])
 
     async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
         if group_by not in GROUP_BY:

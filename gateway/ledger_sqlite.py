@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -43,7 +44,15 @@ from gateway.audit_store import key_file
 from gateway.audit_verify import anchor_from
 from gateway.budget import ScopeKey
 from gateway.journal import Journal
-from gateway.ledger import COLUMNS, GROUP_BY, KeyRecord, LedgerEntry, UsageRow, fold_spend
+from gateway.ledger import (
+    COLUMNS,
+    GROUP_BY,
+    KeyRecord,
+    LedgerEntry,
+    UsageRow,
+    fold_overshoot,
+    fold_spend,
+)
 
 log = logging.getLogger("costwall.ledger")
 
@@ -93,6 +102,11 @@ MIGRATIONS: list[str] = [
     INSERT INTO audit_anchor VALUES ('main', 0,
         '0000000000000000000000000000000000000000000000000000000000000000', '{}', '', '')
     """,
+    # 4: what a request was charged beyond its reservation (an upstream billed past the bound)
+    """
+    ALTER TABLE requests ADD COLUMN overshoot INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX requests_overshoot ON requests (period) WHERE overshoot > 0;
+    """,
 ]
 
 _INSERT_AUDIT = "INSERT INTO audit_events (ts, kind, data) VALUES (?, ?, ?)"
@@ -117,12 +131,33 @@ _RECOVER_PENDING = (
 # A write that ``ping`` tries while commits are failing, so readiness comes back on its own.
 _PROBE = ("INSERT INTO settings (key, value, updated_at) VALUES ('ledger.probe', '', ?) "
           "ON CONFLICT (key) DO UPDATE SET updated_at = excluded.updated_at")
+# Columns added after the first release have defaults: a journal row written by an older
+# costwall (fewer fields) is completed with them.
+_DEFAULTS = [f.default for f in dataclasses.fields(LedgerEntry)]
+_OLDEST_ROW = COLUMNS.index("replica") + 1
+_COST = "CASE WHEN state = 'pending' THEN reserved ELSE cost END"
+_USAGE_SUMS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", _COST)
 _BATCH = 512
 _BACKLOG = 2048  # queued writes beyond which ``begin`` waits for its commit (back-pressure)
 CHECKPOINT_EVERY = 256  # writer commits between WAL checkpoints (in the writer thread)
 IDENTITY_CHECK_S = 0.2  # ``begin`` re-checks that the database file is still there this often
 # (sql, params, future of a caller waiting for the commit, journal segment of the row)
 Write = tuple[str, tuple[Any, ...], "asyncio.Future[None] | None", int | None]
+
+
+def _wide_sum(expr: str) -> str:
+    """Two SUMs that cannot overflow: of the high and of the low 32 bits of ``expr``.
+
+    SQLite's SUM over integers raises "integer overflow" past 2**63-1, which would take down
+    every report (and the budget load at start) for good once two huge rows exist. Each half
+    fits 32 bits, so their sums fit 64 bits for any row count SQLite can hold; ``_unwide``
+    joins them exactly in Python.
+    """
+    return f"SUM(({expr}) >> 32), SUM(({expr}) & 4294967295)"
+
+
+def _unwide(high: Any, low: Any) -> int:
+    return (int(high or 0) << 32) + int(low or 0)
 
 
 def _ts(value: datetime) -> str:
@@ -493,6 +528,8 @@ class SqliteLedger:
         journaled = []
         for path in segments:
             for values in Journal.read(path):
+                if _OLDEST_ROW <= len(values) < len(COLUMNS):  # journaled by an older version
+                    values = [*values, *_DEFAULTS[len(values):]]
                 if len(values) != len(COLUMNS):
                     log.warning("ledger journal %s: skipped a row of %d fields", path.name,
                                 len(values))
@@ -535,12 +572,19 @@ class SqliteLedger:
 
     async def spend_by_scope(self, period: str) -> dict[ScopeKey, int]:
         rows = await self._fetch(
-            "SELECT tenant, agent, campaign, key_name, "
-            "SUM(CASE WHEN state = 'pending' THEN reserved ELSE cost END) "
+            f"SELECT tenant, agent, campaign, key_name, {_wide_sum(_COST)} "
             "FROM requests WHERE period = ? GROUP BY tenant, agent, campaign, key_name",
             (period,),
         )
-        return fold_spend([tuple(r) for r in rows])  # type: ignore[misc]
+        return fold_spend([(r[0], r[1], r[2], r[3], _unwide(r[4], r[5])) for r in rows])
+
+    async def overshoot(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
+        rows = await self._fetch(
+            f"SELECT tenant, agent, campaign, key_name, {_wide_sum('overshoot')}, COUNT(*) "
+            "FROM requests WHERE period = ? AND overshoot > 0 "
+            "GROUP BY tenant, agent, campaign, key_name", (period,))
+        return fold_overshoot([(r[0], r[1], r[2], r[3], _unwide(r[4], r[5]), r[6])
+                               for r in rows])
 
     async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
         if group_by not in GROUP_BY:
@@ -550,14 +594,18 @@ class SqliteLedger:
         if tenant is not None:
             where += " AND tenant = ?"
             params.append(tenant)
+        sums = ", ".join(_wide_sum(c) for c in _USAGE_SUMS)
         rows = await self._fetch(
-            f"SELECT {column} AS grp, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), "
-            "SUM(completion_tokens), SUM(reasoning_tokens), "
-            "SUM(CASE WHEN state = 'pending' THEN reserved ELSE cost END), SUM(override) "
+            f"SELECT {column} AS grp, COUNT(*), {sums}, SUM(override) "
             f"FROM requests WHERE {where} GROUP BY grp ORDER BY grp",
             tuple(params),
         )
-        return [UsageRow(str(r[0]), *(int(v or 0) for v in tuple(r)[1:])) for r in rows]
+        out = []
+        for r in rows:
+            values = tuple(r)
+            wide = [_unwide(values[i], values[i + 1]) for i in range(2, 2 + 2 * 5, 2)]
+            out.append(UsageRow(str(values[0]), int(values[1]), *wide, int(values[-1] or 0)))
+        return out
 
     async def entries(self, period: str, tenant: str | None = None) -> list[LedgerEntry]:
         sql = f"SELECT {', '.join(COLUMNS)} FROM requests WHERE period = ?"

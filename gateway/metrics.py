@@ -144,6 +144,23 @@ class Metrics:
             ["endpoint"], buckets=DURATION_BUCKETS, registry=r)
         self.warnings = Counter("costwall_budget_warnings", "Warn thresholds crossed.",
                                 ["scope", "id"], registry=r)
+        # Counted once for each capped scope (global, tenant, agent, campaign, key) of a
+        # request charged beyond its reservation. The label is the scope's kind, as SPEC
+        # names it; which tenant or agent is in the ledger, the audit log and /admin.
+        self.overshoot = Counter(
+            "costwall_budget_overshoot_usd",
+            "Charged beyond the reserved upper bound (USD), per kind of capped scope: an "
+            "upstream billed past the documented bound.", ["scope"], registry=r)
+        self.usage_invalid = Counter(
+            "costwall_usage_invalid",
+            "Upstream usages not believed (malformed or beyond what the request allows).",
+            ["endpoint"], registry=r)
+        # Present at 0 from the start, so that ``increase()`` in an alert rule sees the first
+        # overshoot or invalid usage (a series born at 1 has no increase to show).
+        for scope in ("global", "tenant", "agent", "campaign", "key"):
+            self.overshoot.labels(scope)
+        for endpoint in ("chat", "completions", "embeddings", "responses"):
+            self.usage_invalid.labels(endpoint)
         self.budget_view: BudgetView | None = None
         self._expose = make_aiohttp_handler(r)
         # ``.labels()`` validates and hashes its arguments under a lock on every call (a few

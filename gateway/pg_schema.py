@@ -92,6 +92,11 @@ MIGRATIONS: list[str] = [
         '0000000000000000000000000000000000000000000000000000000000000000', '{}', '');
     CREATE TABLE audit_secret (id INTEGER PRIMARY KEY CHECK (id = 1), secret TEXT NOT NULL);
     """,
+    # 4: what a request was charged beyond its reservation (an upstream billed past the bound)
+    """
+    ALTER TABLE requests ADD COLUMN overshoot BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX requests_overshoot ON requests (period) WHERE overshoot > 0;
+    """,
 ]
 
 

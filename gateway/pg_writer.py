@@ -45,7 +45,7 @@ _TYPES = {
     "stream": "bool", "state": "text", "status": "int4", "prompt_tokens": "int8",
     "cached_tokens": "int8", "completion_tokens": "int8", "reasoning_tokens": "int8",
     "reserved": "int8", "cost": "int8", "usage_source": "text", "override": "bool",
-    "override_reason": "text", "latency_ms": "int4", "replica": "text",
+    "override_reason": "text", "latency_ms": "int4", "replica": "text", "overshoot": "int8",
 }
 assert tuple(_TYPES) == COLUMNS
 

@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,13 @@ from gateway.money import format_usd
 from gateway.pricing import ModelPrice, Usage
 from gateway.services import GATEWAY, Gateway
 from gateway.tokens import count_text, encoding
-from gateway.usage import StreamMeter, usage_from_body
+from gateway.usage import (
+    InvalidUsage,
+    StreamMeter,
+    check_usage,
+    usage_bounds,
+    usage_from_body,
+)
 
 log = logging.getLogger("costwall.proxy")
 
@@ -66,6 +72,7 @@ _MODEL_MAX = 256
 # "..", so the pass-through cannot reach other upstream paths with the gateway's key.
 _MODELS_PATH = re.compile(r"models(/[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255})?")
 _SEEN = "bounds.seen_responses"  # gw.extras key of this process's SeenResponses
+LEDGER_MAX_COST = 2**63 - 1  # the ledger's money columns are signed 64-bit integers
 
 
 @dataclass(slots=True)
@@ -228,6 +235,10 @@ async def admit(gw: Gateway, request: web.Request, endpoint: str) -> Call:
     tier = payload.get("service_tier")
     tier = tier if isinstance(tier, str) else None
     amount = price.upper_bound(est.prompt_tokens, est.total_output, tier, est.fee)
+    if amount > LEDGER_MAX_COST:  # e.g. max_tokens 10**17: no model allows it, no row holds it
+        raise BadRequest(f"The output limit '{est.output_field or 'max_tokens'}' is too large: "
+                         "this request's cost bound does not fit costwall's ledger.",
+                         param=est.output_field)
     clamp = None
     if est.output_field and est.output_tokens:
         clamp = ClampRequest(price.upper_bound(est.prompt_tokens, 0, tier, est.fee),
@@ -293,7 +304,7 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
     call.status = upstream.status
     call.upstream_seconds = time.perf_counter() - sent  # to the headers; streams add the body
     try:
-        if upstream.content_type == "text/event-stream":
+        if is_stream(call.stream, upstream.content_type):
             return await relay_stream(gw, request, call, upstream)
         try:
             body = await upstream.read()
@@ -305,11 +316,12 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
             raise UpstreamUnavailable("The upstream API closed the connection mid-answer.") \
                 from None
         call.upstream_seconds = time.perf_counter() - sent
-        call.usage = usage_from_body(call.endpoint, body)
-        if call.usage is not None:
-            call.usage_source = "upstream"
-        elif upstream.status < 400:
-            call.usage = counted_usage(call, _json_or_none(body))
+        try:
+            usage, problem = usage_from_body(call.endpoint, body), None
+        except InvalidUsage as exc:
+            usage, problem = None, str(exc)
+        take_usage(gw, call, usage, problem,
+                   lambda: counted_usage(call, _json_or_none(body)))
         if call.endpoint == "responses" or call.estimate.tools is not None:
             answered(gw, call, _json_or_none(body) if call.endpoint == "responses" else None)
         settle(gw, call)
@@ -344,6 +356,40 @@ def upstream_auth_failed(key_env: str, headers: list[tuple[str, str]]) -> web.Re
     headers += [("X-Costwall-Upstream-Auth", "failed"), ("x-should-retry", "false")]
     return web.Response(status=error.status, body=error.to_json(), headers=headers,
                         content_type="application/json")
+
+
+def is_stream(asked: bool, content_type: str) -> bool:
+    """Relay as SSE: what says it is SSE, and whatever answers a ``stream: true`` request
+    unless it is JSON (an upstream error, or an upstream that ignored ``stream``), whose
+    usage is read from the body. Some upstreams label a stream ``text/plain``, or nothing."""
+    return content_type == "text/event-stream" or (asked and content_type != "application/json")
+
+
+def take_usage(gw: Gateway, call: Call, usage: Usage | None, problem: str | None,
+               counted: Callable[[], Usage]) -> None:
+    """Set ``call.usage`` and its source from what the upstream reported, never blindly.
+
+    A usage that is malformed (``problem``) or beyond what the request could produce
+    (``check_usage``) is not believed: the answer is counted instead (``usage_source``
+    ``invalid``), and with no text to count the request is charged its reserved bound.
+    An error answer (status >= 400) without a believable usage costs nothing.
+    """
+    if usage is not None:
+        problem = check_usage(usage, usage_bounds(call.price, call.estimate))
+        if problem is None:
+            call.usage, call.usage_source = usage, "upstream"
+            return
+    if problem is not None:
+        gw.record_invalid_usage(call, problem)
+        if call.status >= 400:
+            return
+        usage = counted()
+        call.usage_source = "invalid"
+        # Nothing to count: charge the bound (settle does, for usage None and "invalid").
+        call.usage = usage if usage.completion_tokens > 0 else None
+        return
+    if call.status < 400:
+        call.usage = counted()
 
 
 @functools.lru_cache(maxsize=8)
@@ -404,11 +450,8 @@ async def relay_stream(
     finally:
         call.upstream_seconds += time.perf_counter() - first
         tail = meter.finish()
-        call.usage = meter.usage
-        if call.usage is not None:
-            call.usage_source = "upstream"
-        else:
-            call.usage = counted_usage(call, streamed_text=meter.streamed_text)
+        take_usage(gw, call, meter.usage, meter.invalid,
+                   lambda: counted_usage(call, streamed_text=meter.streamed_text))
         if call.endpoint == "responses" or call.estimate.tools is not None:
             answered(gw, call, meter.response)
         settle(gw, call)
@@ -463,10 +506,17 @@ def settle(gw: Gateway, call: Call) -> None:
     tier = call.payload.get("service_tier")
     if call.usage is not None:
         cost = call.price.cost(call.usage, tier if isinstance(tier, str) else None) + call.fee
-    elif entry is not None and call.usage_source == "reserved":
-        cost = reservation.amount  # reached the upstream, outcome unknown: never under-count
+        if cost > LEDGER_MAX_COST:  # only a price table with absurd prices gets here
+            gw.record_invalid_usage(call, "its cost does not fit the ledger")
+            call.usage, call.usage_source = None, "invalid"
+            cost = reservation.amount
+    elif entry is not None and call.usage_source in ("reserved", "invalid"):
+        # Reached the upstream, outcome unknown or usage not believable and nothing to count:
+        # never under-count.
+        cost = reservation.amount
     else:
         cost = 0
+    overshoot = cost - reservation.amount
     crossings = gw.budgets.settle(reservation, cost)
     if entry is not None:
         usage = call.usage or Usage()
@@ -479,8 +529,11 @@ def settle(gw: Gateway, call: Call) -> None:
         entry.cost = cost
         entry.usage_source = call.usage_source
         entry.latency_ms = int((time.perf_counter() - call.started) * 1000)
+        entry.overshoot = max(overshoot, 0)
         gw.ledger.settle(entry)
     gw.record_settled(call, cost, crossings)
+    if overshoot > 0:
+        gw.record_overshoot(call, cost, overshoot)
 
 
 # -- the handlers -----------------------------------------------------------------------------

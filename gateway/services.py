@@ -26,7 +26,7 @@ from gateway.errors import BudgetExceeded
 from gateway.keys import KeyRing
 from gateway.ledger import Ledger
 from gateway.metrics import Metrics
-from gateway.money import format_usd
+from gateway.money import PICO_PER_USD, format_usd
 from gateway.pricing import PriceTable
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 OVERRIDE_SETTING = "override.global"
 access_log = logging.getLogger("costwall.access")
+log = logging.getLogger("costwall.usage")
 
 
 @dataclass(slots=True)
@@ -130,6 +131,31 @@ class Gateway:
                 b.spent if b else None, call.reservation.amount if call.reservation else 0,
                 call.override_reason))
         self.record_crossings(crossings)
+
+    def record_invalid_usage(self, call: Call, problem: str) -> None:
+        """An upstream usage that was not believed: a warning (facts only) and a metric."""
+        self.metrics.child(self.metrics.usage_invalid, call.endpoint).inc()
+        log.warning("upstream usage not believed (request %s, model %s, status %s): %s",
+                    call.id, call.price.name, call.status, problem)
+
+    def record_overshoot(self, call: Call, cost: int, overshoot: int) -> None:
+        """A request charged ``overshoot`` pico-USD beyond its reservation: the upstream
+        billed past the admission bound. Audit event, log line and, per capped scope of
+        the request, ``costwall_budget_overshoot_usd_total``."""
+        scopes = call.reservation.scopes if call.reservation else ()
+        capped = [k for k in scopes if k in self.budgets.limits]
+        usd = overshoot / PICO_PER_USD
+        for scope in dict.fromkeys(s for s, _ in capped):
+            self.metrics.child(self.metrics.overshoot, scope).inc(usd)
+        log.warning("overshoot: request %s (model %s) cost $%s, $%s beyond its reserved "
+                    "bound", call.id, call.price.name, format_usd(cost), format_usd(overshoot))
+        self.audit.record("overshoot", {
+            "request_id": call.id, "tenant": call.key.tenant, "agent": call.agent,
+            "campaign": call.campaign, "task": call.task, "model": call.model,
+            "usage_source": call.usage_source,
+            "reserved_usd": format_usd(cost - overshoot), "cost_usd": format_usd(cost),
+            "overshoot_usd": format_usd(overshoot),
+            "scope": " ".join(f"{s}:{i}" for s, i in capped)})
 
     def record_crossings(self, crossings: list[Crossing]) -> None:
         """Metrics and one audit line per newly crossed warn threshold.

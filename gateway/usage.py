@@ -1,149 +1,302 @@
-"""Reading usage out of OpenAI responses and SSE streams; pure, no I/O.
+"""Reading usage out of OpenAI responses and SSE streams, and deciding whether to trust it; pure.
 
-``StreamMeter`` sits in the relay loop: it cuts the byte stream into SSE events, forwards
-each complete event's bytes untouched (no re-encoding), drops the usage-only chunk the
-gateway asked for on the client's behalf, and remembers the usage or, failing that, the
-streamed text so a cut stream can still be charged by counting.
+``StreamMeter`` sits in the relay loop: it cuts the byte stream into SSE events (blank lines
+with LF, CRLF or CR line endings, as the WHATWG SSE spec allows), forwards each complete
+event's bytes untouched (no re-encoding), drops the usage-only chunk the gateway asked for on
+the client's behalf, and remembers the usage or, failing that, the streamed text so a cut
+stream can still be charged by counting.
+
+Usage is never trusted blindly (``parse_*`` and ``check_usage``): every token count must be a
+non-negative JSON integer (not a bool, float or string) no larger than the request could
+possibly have produced (``UsageBounds``), cached tokens within prompt tokens, reasoning tokens
+within completion tokens, and the fields OpenAI always sends must be there. A usage that
+fails is ``InvalidUsage``: the request path then charges by counting instead.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway.pricing import Usage
 
+if TYPE_CHECKING:
+    from gateway.estimate import Estimate
+    from gateway.pricing import ModelPrice
+
 _RESPONSES_FINAL = (b"response.completed", b"response.incomplete", b"response.failed")
 
+# No field of a real usage comes near this: the largest context windows are ~2M tokens and
+# 128 choices x 128k output tokens is 16M. It also keeps one request's cost (tokens x a
+# per-token price) far inside a signed 64-bit integer, the ledger's money column.
+TOKEN_CEILING = 100_000_000
+# The prompt bound when the price table gives no context window (``max_input_tokens``).
+DEFAULT_CONTEXT_TOKENS = 2_000_000
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+class InvalidUsage(ValueError):
+    """An upstream usage costwall will not bill from; the message says why (no prompt text)."""
 
 
-def usage_from_chat(usage: Any) -> Usage | None:
-    """Chat, completions and embeddings usage (``prompt_tokens`` / ``completion_tokens``)."""
-    if not isinstance(usage, Mapping):
+@dataclass(frozen=True, slots=True)
+class UsageBounds:
+    """The most tokens a request can really be billed: anything above is not a real usage.
+
+    ``prompt``: the model's context window (``max_input_tokens``, else 2M tokens), or the
+    admission estimate if that is larger. ``completion``: the request's output bound (its
+    ``max_tokens`` x choices) or the model's ``max_output_tokens`` x choices, whichever is
+    larger. Both at most ``TOKEN_CEILING``. These bounds are looser than the reservation on
+    purpose: usage between the reservation and these bounds is believed, charged and flagged
+    as an overshoot; usage beyond them is impossible and so not believed.
+    """
+
+    prompt: int
+    completion: int
+
+
+def usage_bounds(price: ModelPrice, est: Estimate) -> UsageBounds:
+    """The ``UsageBounds`` of a request to ``price``'s model admitted with ``est``."""
+    context = getattr(price, "max_input_tokens", None) or DEFAULT_CONTEXT_TOKENS
+    prompt = max(est.prompt_tokens, context)
+    completion = max(est.total_output, price.max_output_tokens * est.choices)
+    return UsageBounds(min(prompt, TOKEN_CEILING), min(completion, TOKEN_CEILING))
+
+
+def check_usage(usage: Usage, bounds: UsageBounds) -> str | None:
+    """Why ``usage`` cannot be real for a request with ``bounds``, or None if it can."""
+    if usage.prompt_tokens > bounds.prompt:
+        return f"prompt tokens {usage.prompt_tokens} above the bound {bounds.prompt}"
+    if usage.completion_tokens > bounds.completion:
+        return (f"completion tokens {usage.completion_tokens} above the bound "
+                f"{bounds.completion}")
+    return None
+
+
+def _count(usage: dict[str, Any], name: str, required: bool) -> int:
+    value = usage.get(name)
+    if value is None and not required:
+        return 0
+    # ``type(...) is int``: a bool is an int subclass, a float 1e13 or "5" is not a count.
+    if type(value) is not int or value < 0 or value > TOKEN_CEILING:
+        shown = type(value).__name__ if type(value) is not int else value
+        raise InvalidUsage(f"{name} is not a token count ({shown})")
+    return value
+
+
+def _details(usage: dict[str, Any], name: str, field: str) -> int:
+    details = usage.get(name)
+    if details is None:
+        return 0
+    if not isinstance(details, dict):  # parsed JSON: a dict (an ABC check costs µs here)
+        raise InvalidUsage(f"{name} is not an object")
+    return _count(details, field, required=False)
+
+
+def _usage(usage: Any, prompt: str, completion: str, completion_required: bool,
+           prompt_details: str, completion_details: str) -> Usage | None:
+    if usage is None:
         return None
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    return Usage(
-        prompt_tokens=_int(usage.get("prompt_tokens")),
-        cached_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(
-            prompt_details, Mapping) else 0,
-        completion_tokens=_int(usage.get("completion_tokens")),
-        reasoning_tokens=_int(completion_details.get("reasoning_tokens")) if isinstance(
-            completion_details, Mapping) else 0,
+    if not isinstance(usage, dict):
+        raise InvalidUsage("usage is not an object")
+    result = Usage(
+        prompt_tokens=_count(usage, prompt, required=True),
+        cached_tokens=_details(usage, prompt_details, "cached_tokens"),
+        completion_tokens=_count(usage, completion, required=completion_required),
+        reasoning_tokens=_details(usage, completion_details, "reasoning_tokens"),
     )
+    if result.cached_tokens > result.prompt_tokens:
+        raise InvalidUsage("cached tokens exceed prompt tokens")
+    if result.reasoning_tokens > result.completion_tokens:
+        raise InvalidUsage("reasoning tokens exceed completion tokens")
+    return result
+
+
+def usage_from_chat(usage: Any, endpoint: str = "chat") -> Usage | None:
+    """Chat, completions and embeddings usage (``prompt_tokens`` / ``completion_tokens``).
+
+    None when there is none (absent or null); ``InvalidUsage`` when it is malformed.
+    Embeddings report ``prompt_tokens`` only; the others always report both counts.
+    """
+    return _usage(usage, "prompt_tokens", "completion_tokens", endpoint != "embeddings",
+                  "prompt_tokens_details", "completion_tokens_details")
 
 
 def usage_from_responses(usage: Any) -> Usage | None:
     """Responses API usage (``input_tokens`` / ``output_tokens`` and their details)."""
-    if not isinstance(usage, Mapping):
-        return None
-    input_details = usage.get("input_tokens_details") or {}
-    output_details = usage.get("output_tokens_details") or {}
-    return Usage(
-        prompt_tokens=_int(usage.get("input_tokens")),
-        cached_tokens=_int(input_details.get("cached_tokens")) if isinstance(
-            input_details, Mapping) else 0,
-        completion_tokens=_int(usage.get("output_tokens")),
-        reasoning_tokens=_int(output_details.get("reasoning_tokens")) if isinstance(
-            output_details, Mapping) else 0,
-    )
+    return _usage(usage, "input_tokens", "output_tokens", True,
+                  "input_tokens_details", "output_tokens_details")
 
 
 def usage_from_body(endpoint: str, body: bytes) -> Usage | None:
-    """Usage of a non-streaming response body, or None if it has none or is not JSON."""
+    """Usage of a non-streaming response body, or None if it has none or is not JSON.
+
+    Raises ``InvalidUsage`` when a usage is there but malformed, including a body that
+    mentions ``"usage"`` but is not JSON that parses (orjson refuses integers past 64 bits).
+    """
     if b'"usage"' not in body:
         return None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
-    if not isinstance(data, Mapping):
+        raise InvalidUsage("the answer carries a usage but is not valid JSON") from None
+    if not isinstance(data, dict):
         return None
     if endpoint == "responses":
         return usage_from_responses(data.get("usage"))
-    return usage_from_chat(data.get("usage"))
+    return usage_from_chat(data.get("usage"), endpoint)
+
+
+# Two line terminators in a row (LF, CRLF or a lone CR each): the blank line ending an event.
+# A CR at the very end of the data counts as a lone CR; ``StreamMeter`` handles the LF that
+# may follow it in the next chunk.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+def sse_data(event: bytes) -> bytes:
+    """The data of one SSE event: its ``data`` lines joined by LF (WHATWG SSE rules)."""
+    if b"\r" not in event:
+        if event.startswith(b"data: ") and b"\n" not in event:  # what OpenAI sends
+            return event[6:]
+        lines = event.split(b"\n")
+    else:
+        lines = _LINE_END.split(event)
+    parts = []
+    for line in lines:
+        if not line.startswith(b"data"):
+            continue
+        if len(line) == 4:
+            parts.append(b"")
+        elif line[4:5] == b":":
+            parts.append(line[6:] if line[5:6] == b" " else line[5:])
+    return b"\n".join(parts)
 
 
 class StreamMeter:
-    """Relays an SSE stream event by event while watching for usage and streamed text."""
+    r"""Relays an SSE stream event by event while watching for usage and streamed text.
+
+    >>> m = StreamMeter("chat")
+    >>> m.feed(b'data: {"choices": [{"delta": {"content": "hi"}}]}\r\n\r\ndata: [DO')
+    b'data: {"choices": [{"delta": {"content": "hi"}}]}\r\n\r\n'
+    >>> m.streamed_text
+    'hi'
+    """
 
     def __init__(self, endpoint: str, strip_usage_chunk: bool = False):
         self.endpoint = endpoint
         self.strip_usage_chunk = strip_usage_chunk
         self.usage: Usage | None = None
         self.response: Mapping[str, Any] | None = None  # /v1/responses: the final response
+        self.invalid: str | None = None  # why the last usage seen was not believed
         self.texts: list[str] = []
         self._buffer = b""
+        self._started = False
+        # The last event sent ended in a CR at the end of the data: an LF opening the next
+        # chunk completes that CRLF and belongs to it (dropped with it if it was dropped).
+        self._cr_end: bool | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         """Accept upstream bytes; return the bytes to send to the client now."""
-        data = self._buffer + chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._buffer = data
-            return b""
-        complete, self._buffer = data[: end + 2], data[end + 2 :]
-        if not self.strip_usage_chunk:
-            for event in complete.split(b"\n\n"):
-                if event:
-                    self._inspect(event)
-            return complete
-        out = []
-        for event in complete.split(b"\n\n"):
-            if event and self._inspect(event):
-                out.append(event + b"\n\n")
+        lead = b""
+        if self._cr_end is not None and chunk:
+            if chunk[:1] == b"\n":
+                lead = b"\n" if self._cr_end else b""
+                chunk = chunk[1:]
+            self._cr_end = None
+        data = self._buffer + chunk if self._buffer else chunk
+        if not self._started and data:
+            self._started = True
+            if data.startswith(_BOM):  # forwarded as it came, ignored when parsing
+                self._inspect_from = len(_BOM)
+        if b"\r" not in data:  # LF only, as OpenAI frames it: no regex needed
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                self._buffer = data
+                return lead
+            complete, self._buffer = data[: end + 2], data[end + 2 :]
+            if not self.strip_usage_chunk:
+                for event in complete.split(b"\n\n"):
+                    if event:
+                        self._inspect(event)
+                return lead + complete
+            kept = [event + b"\n\n" for event in complete[:-2].split(b"\n\n")
+                    if not event or self._inspect(event)]
+            return lead + b"".join(kept)
+        out = [lead] if lead else []
+        start = 0
+        for match in _EVENT_END.finditer(data):
+            end = match.end()
+            keep = self._inspect(data[start:match.start()])
+            if keep or not self.strip_usage_chunk:
+                out.append(data[start:end])
+            start = end
+            if end == len(data) and data[-1:] == b"\r":
+                self._cr_end = keep or not self.strip_usage_chunk
+        self._buffer = data[start:]
         return b"".join(out)
 
     def finish(self) -> bytes:
         """The stream ended: return whatever incomplete tail is left, inspected."""
         tail, self._buffer = self._buffer, b""
         if tail.strip():
-            self._inspect(tail.rstrip(b"\n"))
+            self._inspect(tail)
         return tail
+
+    _inspect_from = 0
 
     def _inspect(self, event: bytes) -> bool:
         """Record what the event says; return False if it must not reach the client."""
-        payload = b"".join(
-            line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
-        )
+        if self._inspect_from:
+            event, self._inspect_from = event[self._inspect_from:], 0
+        payload = sse_data(event)
         if not payload or payload == b"[DONE]":
             return True
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return True
-        if not isinstance(obj, Mapping):
-            return True
+        if not isinstance(obj, dict):  # ``dict``, not ``Mapping``: parsed JSON, and an ABC
+            return True               # check per event costs more than the rest of this
         if self.endpoint == "responses":
             self._responses_event(obj)
             return True
         usage = obj.get("usage")
-        if usage:
-            self.usage = usage_from_chat(usage)
+        if usage is not None:
+            self._take(usage_from_chat, usage, self.endpoint)
             if self.strip_usage_chunk and not obj.get("choices"):
                 return False
         for choice in obj.get("choices") or ():
-            if not isinstance(choice, Mapping):
+            if not isinstance(choice, dict):
                 continue
             if isinstance(choice.get("text"), str):
                 self.texts.append(choice["text"])
             delta = choice.get("delta")
-            if isinstance(delta, Mapping):
+            if isinstance(delta, dict):
                 for field in ("content", "refusal", "reasoning_content"):
                     if isinstance(delta.get(field), str):
                         self.texts.append(delta[field])
                 for call in delta.get("tool_calls") or ():
-                    function = call.get("function") if isinstance(call, Mapping) else None
-                    if isinstance(function, Mapping):
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict):
                         for field in ("name", "arguments"):
                             if isinstance(function.get(field), str):
                                 self.texts.append(function[field])
         return True
+
+    def _take(self, parse: Any, *args: Any) -> None:
+        """Remember the usage ``parse(*args)`` gives, or why it was not believed."""
+        try:
+            usage = parse(*args)
+        except InvalidUsage as exc:
+            self.usage, self.invalid = None, str(exc)
+            return
+        if usage is not None:
+            self.usage, self.invalid = usage, None
 
     def _responses_event(self, obj: Mapping[str, Any]) -> None:
         kind = obj.get("type")
@@ -153,9 +306,9 @@ class StreamMeter:
             self.texts.append(obj["delta"])
         elif kind.encode() in _RESPONSES_FINAL:
             response = obj.get("response")
-            if isinstance(response, Mapping):
+            if isinstance(response, dict):
                 self.response = response
-                self.usage = usage_from_responses(response.get("usage")) or self.usage
+                self._take(usage_from_responses, response.get("usage"))
 
     @property
     def streamed_text(self) -> str:

@@ -18,7 +18,7 @@ from gateway.config import ConfigError, hash_key, load_settings
 from gateway.errors import BudgetExceeded
 from gateway.money import MoneyError, format_usd, to_pico
 from gateway.pricing import Usage, load_price_table, parse_price_table
-from gateway.usage import StreamMeter, usage_from_body
+from gateway.usage import InvalidUsage, StreamMeter, usage_from_body
 from tests.harness import ROOT
 
 PRICES, PROBLEMS = load_price_table(ROOT / "config" / "pricing.yaml")
@@ -126,8 +126,14 @@ def test_responses_usage_from_final_events() -> None:
                b'"response.incomplete","response":{"usage":{"input_tokens":4,"output_tokens":9,'
                b'"output_tokens_details":{"reasoning_tokens":3}}}}\n\n')
     assert meter.usage == Usage(4, 0, 9, 3) and meter.streamed_text == "Hi"
-    assert usage_from_body("chat", b'{"usage": {"prompt_tokens": 2}}') == Usage(2)
-    assert usage_from_body("chat", b"not json with \"usage\"") is None
+    assert usage_from_body("embeddings", b'{"usage": {"prompt_tokens": 2}}') == Usage(2)
+    assert usage_from_body("chat", b'{"id": "x"}') is None
+    # A chat usage without completion_tokens, or a body that says usage but is not JSON,
+    # is not believed (gateway.usage.InvalidUsage; tests/test_usage_hostile.py).
+    with pytest.raises(InvalidUsage):
+        usage_from_body("chat", b'{"usage": {"prompt_tokens": 2}}')
+    with pytest.raises(InvalidUsage):
+        usage_from_body("chat", b"not json with \"usage\"")
 
 
 # -- budgets --------------------------------------------------------------------------------------
