@@ -118,6 +118,9 @@ class Ledger(Protocol):
 
     async def set_setting(self, key: str, value: str) -> None: ...
 
+    async def add_setting(self, key: str, value: str) -> str:
+        """Store ``value`` unless ``key`` has one; return the stored value (racers agree)."""
+
     async def caps(self) -> dict[ScopeKey, int | None]:
         """Caps set by admins, overriding config; None means the limit was removed."""
 
