@@ -163,7 +163,7 @@ async def set_cap(gw: Gateway, key: ScopeKey, limit: int, actor: str, reason: st
     await gw.budgets.set_limit(key, limit)
     before = "none" if old is None else format_usd(old)
     gw.record_admin(actor, "cap.set", f"{key[0]}:{key[1]}",
-                    f"monthly_usd {before} -> {format_usd(limit)}", reason)
+                    f"monthly_usd {before} → {format_usd(limit)}", reason)
 
 
 async def remove_cap(gw: Gateway, key: ScopeKey, actor: str, reason: str = "") -> None:
@@ -174,7 +174,7 @@ async def remove_cap(gw: Gateway, key: ScopeKey, actor: str, reason: str = "") -
     await gw.ledger.set_cap(key, None)
     await gw.budgets.set_limit(key, None)
     gw.record_admin(actor, "cap.remove", f"{key[0]}:{key[1]}",
-                    f"monthly_usd {format_usd(old)} -> none", reason)
+                    f"monthly_usd {format_usd(old)} → none", reason)
 
 
 # -- virtual keys ----------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def setup_templates(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined, default_helpers=False, trim_blocks=True,
         lstrip_blocks=True,
         filters={"usd": fmt.usd, "usd_exact": format_usd, "percent": fmt.percent,
-                 "share": fmt.share, "count": fmt.count},
+                 "share": fmt.share, "count": fmt.count, "plural": fmt.plural,
+                 "when": fmt.when},
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from gateway.budget import GLOBAL, ScopeKey
 
 USAGE_SOURCES = ("upstream", "counted", "reserved", "none")
-GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task")
+GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task", "state")
 
 
 @dataclass(slots=True)

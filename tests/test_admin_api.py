@@ -248,7 +248,7 @@ def test_cap_changes_apply_to_the_next_request_and_survive_a_restart(admin_stack
     event = admin_events(s)[-1]
     assert event["action"] == "cap.set" and event["target"] == "tenant:acme"
     assert event["actor"] == "admin (api, 127.0.0.1)" and event["reason"] == "freeze acme"
-    assert event["detail"] == "monthly_usd 50 -> 0.000001"
+    assert event["detail"] == "monthly_usd 50 → 0.000001"
     assert s.call(lambda gw: gw.ledger.caps())[("tenant", "acme")] == 1_000_000
 
     s.restart()
