@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import ipaddress
 import logging
 import time
 from collections import deque
@@ -163,6 +164,33 @@ PRINCIPAL = web.RequestKey("costwall_admin_principal", Principal)
 def client_ip(request: web.Request) -> str:
     """The peer address (forwarded headers are not trusted: anyone can send them)."""
     return request.remote or "unknown"
+
+
+def secure_cookies(request: web.Request) -> bool:
+    """Whether admin cookies get the ``Secure`` flag.
+
+    ``admin.secure_cookies: true/false`` decides outright; by default (``auto``) they are
+    Secure when the browser talks HTTPS to us: directly, or through a reverse proxy listed in
+    ``admin.trusted_proxies`` that says so with ``X-Forwarded-Proto: https`` (from anyone
+    else that header is ignored: a client could send it).
+    """
+    settings = request.app[GATEWAY].settings
+    if settings.admin_secure_cookies is not None:
+        return settings.admin_secure_cookies
+    if request.secure:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return proto == "https" and _from_trusted_proxy(request, settings.admin_trusted_proxies)
+
+
+def _from_trusted_proxy(request: web.Request, proxies: tuple[str, ...]) -> bool:
+    if not proxies or not request.remote:
+        return False
+    try:
+        peer = ipaddress.ip_address(request.remote)
+    except ValueError:  # e.g. a Unix socket
+        return False
+    return any(peer in ipaddress.ip_network(net) for net in proxies)
 
 
 def is_api(request: web.Request) -> bool:

@@ -14,6 +14,7 @@ from admin.auth import (
     principal,
     read_form,
     requires,
+    secure_cookies,
 )
 from admin.errors import RateLimited
 from admin.render import render
@@ -73,7 +74,7 @@ async def login_submit(request: web.Request) -> web.Response:
     log.info("admin login: role %s from %s", role, ip)
     response = web.HTTPSeeOther(target)
     response.set_cookie(COOKIE, cookie, max_age=SESSION_TTL_S, path="/admin",
-                        httponly=True, samesite="Strict", secure=request.secure)
+                        httponly=True, samesite="Strict", secure=secure_cookies(request))
     raise response
 
 

@@ -15,7 +15,7 @@ import jinja2
 from aiohttp import web
 
 from admin import fmt
-from admin.auth import AUTH, PRINCIPAL
+from admin.auth import AUTH, PRINCIPAL, secure_cookies
 from gateway.money import format_usd
 from gateway.services import GATEWAY
 
@@ -60,7 +60,7 @@ def flash_cookie(request: web.Request, response: web.StreamResponse) -> None:
     if who is not None and who.session is not None and signer is not None:
         response.set_cookie(FLASH_COOKIE, signer.sign_flash(who.session, outgoing),
                             max_age=300, path="/admin", httponly=True, samesite="Strict",
-                            secure=request.secure)
+                            secure=secure_cookies(request))
 
 
 def _take_flash(request: web.Request) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ checks clean on a fresh machine.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -109,6 +110,10 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     admin_token: str | None = None
     finance_token: str | None = None
+    # Admin cookies' Secure flag: None = when the request came over HTTPS (directly, or per
+    # X-Forwarded-Proto from one of admin_trusted_proxies); True/False = always/never.
+    admin_secure_cookies: bool | None = None
+    admin_trusted_proxies: tuple[str, ...] = ()
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     override_allow: bool = False
     keys: tuple[VirtualKey, ...] = ()
@@ -170,6 +175,20 @@ def _money(value: Any, where: str, problems: list[str]) -> int | None:
     except MoneyError as exc:
         problems.append(f"{where}: {exc}")
         return None
+
+
+def _networks(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    """A list of IP addresses or CIDR networks (``10.0.0.0/8``), kept as normalised text."""
+    if not isinstance(value, list):
+        problems.append(f"{where}: must be a list of IP addresses or networks")
+        return ()
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            problems.append(f"{where}: {str(item)[:60]!r} is not an IP address or network")
+    return tuple(out)
 
 
 def _section(raw: Mapping[str, Any], name: str, problems: list[str]) -> Mapping[str, Any]:
@@ -346,6 +365,11 @@ def load_settings(
             problems.append(f"{name}: admin tokens must be at least 16 characters")
     if admin_token and admin_token == finance_token:
         problems.append("admin and finance tokens must differ")
+    secure_raw = admin.get("secure_cookies", "auto")
+    secure_cookies = None if secure_raw in ("auto", None) else _bool(
+        secure_raw, "admin.secure_cookies (true, false or auto)", problems)
+    trusted_proxies = _networks(admin.get("trusted_proxies", []), "admin.trusted_proxies",
+                                problems)
 
     unknown_model = str(raw.get("unknown_model", "reject"))
     pricing_path = Path(str(raw.get("pricing", "config/pricing.yaml")))
@@ -382,6 +406,7 @@ def load_settings(
         reports_dir=Path(env.get("COSTWALL_REPORTS_DIR", str(raw.get("reports_dir", "reports")))),
         pricing_path=pricing_path, unknown_model=unknown_model, max_body_bytes=max_body,
         admin_token=admin_token, finance_token=finance_token, budgets=budgets,
+        admin_secure_cookies=secure_cookies, admin_trusted_proxies=trusted_proxies,
         override_allow=override_allow, keys=keys, log_format=log_format, log_level=log_level,
         access_log=access_log, invoice_company=str(invoices.get("company", "costwall")),
         shutdown_grace_s=grace,

@@ -3,21 +3,25 @@
 Two real gateways on two ports share one database (a SQLite file, or PostgreSQL via
 ``tests/pg.py``). A login on A is valid on B for pages and for a CSRF-protected form; a
 message flashed after B's redirect shows on A; logout on either ends the session on both,
-even for a copy of the cookie kept by an attacker; a restart keeps sessions valid.
+even for a copy of the cookie kept by an attacker; a restart keeps sessions valid. The
+cookies' Secure flag follows HTTPS, also behind a trusted reverse proxy.
 """
 
 from __future__ import annotations
 
+import http.client
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
 from admin.sessions import SECRET_SETTING
+from gateway.config import ConfigError, load_settings
 from gateway.money import to_pico
 from tests import pg
-from tests.harness import ADMIN_TOKEN, FINANCE_TOKEN, Stack
+from tests.harness import ADMIN_TOKEN, FINANCE_TOKEN, Stack, test_env, write_config
 from tests.test_admin_api import Browser
 
 BUDGETS = {"tenants": {"acme": {"monthly_usd": "50"}}}
@@ -118,3 +122,58 @@ def test_logout_on_one_replica_ends_the_session_on_both(replicas: tuple[Stack, S
     b.restart()
     assert on(b, fresh).get("/admin").status == 200
     assert on(a, fresh).get("/admin").status == 200
+
+
+def login_cookies(stack: Stack, headers: dict[str, str]) -> list[str]:
+    """The Set-Cookie headers of a login (and of a change that flashes a message)."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    conn.request("POST", "/admin/login", body=urlencode({"token": ADMIN_TOKEN, "next": "/admin"}),
+                 headers={"Content-Type": "application/x-www-form-urlencoded", **headers})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 303
+    cookies = resp.headers.get_all("Set-Cookie") or []
+    session = next(c for c in cookies if c.startswith("costwall_admin="))
+    value = session.split(";")[0]
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    conn.request("GET", "/admin/budget", headers={"Cookie": value})
+    token = csrf_of(conn.getresponse().read())
+    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    conn.request("POST", "/admin/budget/caps", headers={
+        "Cookie": value, "Content-Type": "application/x-www-form-urlencoded", **headers},
+        body=urlencode({"scope": "tenant", "id": "acme", "monthly_usd": "9", "csrf": token}))
+    changed = conn.getresponse()
+    changed.read()
+    conn.close()
+    assert changed.status == 303
+    flash = next(c for c in changed.headers.get_all("Set-Cookie") or []
+                 if c.startswith("costwall_flash="))
+    return [session, flash]
+
+
+def test_secure_flag_follows_https_from_trusted_proxies_or_the_config(tmp_path: Path) -> None:
+    https = {"X-Forwarded-Proto": "https"}
+    stacks = []
+    try:
+        for name, admin in [("behind", {"trusted_proxies": ["127.0.0.1", "10.0.0.0/8"]}),
+                            ("plain", {}), ("forced", {"secure_cookies": True})]:
+            stacks.append(Stack(tmp_path / name, budgets=BUDGETS, admin=admin))
+        behind, plain, forced = stacks
+        assert all("Secure" in c for c in login_cookies(behind, https))
+        assert not any("Secure" in c for c in login_cookies(behind, {}))
+        # anyone else saying "https" is not believed: the flag would be a lie on plain HTTP
+        assert not any("Secure" in c for c in login_cookies(plain, https))
+        assert all("Secure" in c for c in login_cookies(forced, {}))
+    finally:
+        for stack in stacks:
+            stack.close()
+    bad = write_config(tmp_path, "http://127.0.0.1:9/v1",
+                       admin={"trusted_proxies": ["10.0.0.0/33", "proxy.local"],
+                              "secure_cookies": "sometimes"})
+    with pytest.raises(ConfigError) as problems:
+        load_settings(bad, test_env())
+    text = "\n".join(problems.value.problems)
+    assert "'10.0.0.0/33' is not an IP address or network" in text
+    assert "'proxy.local' is not an IP address" in text and "admin.secure_cookies" in text
