@@ -1,23 +1,25 @@
 """Who is asking: admin and finance tokens, browser sessions, CSRF and failed-login limits.
 
 Two roles: ``admin`` (everything) and ``finance`` (reads only). Browsers log in once with a
-token and then carry a random session id in an HttpOnly, SameSite=Strict cookie; the role and
-the CSRF token live server-side in memory (so sessions are per process and end on restart).
-Scripts send ``Authorization: Bearer <token>`` on every request and need no CSRF token,
+token and then carry a signed session cookie (HttpOnly, SameSite=Strict; ``admin.sessions``):
+role, expiry and CSRF token need no server memory, so a login is valid on every replica that
+shares the database, survives a restart, and logout revokes it everywhere. Scripts send
+``Authorization: Bearer <token>`` on every request and need no CSRF token,
 because browsers never attach that header on their own. Tokens are compared in constant time,
 and failed attempts are limited per client address.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
+import ipaddress
 import logging
-import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -26,14 +28,15 @@ from aiohttp.web_request import FileField
 from multidict import MultiDictProxy
 
 from admin.errors import AdminClosed, BadInput, NotAuthenticated, RateLimited, ReadOnly, TooLarge
+from admin.sessions import Session, SessionSigner, is_revoked, shared_secret
 from gateway.config import Settings
+from gateway.ledger import Ledger
+from gateway.services import GATEWAY
 
 log = logging.getLogger("costwall.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COOKIE = "costwall_admin"
-SESSION_TTL_S = 12 * 3600
-MAX_SESSIONS = 10_000
 FAILURES_PER_WINDOW = 5
 FAILURE_WINDOW_S = 60.0
 MAX_FORM_BYTES = 64 * 1024
@@ -42,49 +45,6 @@ PERMISSIONS = {"read": frozenset({"admin", "finance"}), "write": frozenset({"adm
 CLOSED_MESSAGE = ("The admin UI and API are closed: no admin token is configured. Set the "
                   "environment variable named by admin.token_env (default COSTWALL_ADMIN_TOKEN) "
                   "and restart.")
-
-
-@dataclass(slots=True)
-class Session:
-    id: str
-    role: str
-    csrf: str
-    expires: float
-    flash: list[tuple[str, str]] = field(default_factory=list)
-
-
-class SessionStore:
-    """Random session ids mapped to role and CSRF token, each expiring after a fixed time."""
-
-    def __init__(self, ttl_s: float = SESSION_TTL_S, max_sessions: int = MAX_SESSIONS,
-                 clock: Callable[[], float] = time.monotonic):
-        self.ttl_s, self.max_sessions, self.clock = ttl_s, max_sessions, clock
-        self._sessions: dict[str, Session] = {}
-
-    def create(self, role: str) -> Session:
-        now = self.clock()
-        if len(self._sessions) >= self.max_sessions:
-            self._sessions = {k: s for k, s in self._sessions.items() if s.expires > now}
-            while len(self._sessions) >= self.max_sessions:  # oldest first (dicts keep order)
-                del self._sessions[next(iter(self._sessions))]
-        session = Session(secrets.token_urlsafe(32), role, secrets.token_urlsafe(32),
-                          now + self.ttl_s)
-        self._sessions[session.id] = session
-        return session
-
-    def get(self, session_id: str | None) -> Session | None:
-        if not session_id:
-            return None
-        session = self._sessions.get(session_id)
-        if session is None:
-            return None
-        if session.expires <= self.clock():
-            del self._sessions[session_id]
-            return None
-        return session
-
-    def drop(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
 
 
 class FailureLimiter:
@@ -143,18 +103,35 @@ class Principal:
 
 
 class AdminAuth:
-    """The tokens, the session store and the failure limiter of one app."""
+    """The tokens, the session signer and the failure limiter of one app."""
 
     def __init__(self, settings: Settings):
         self._tokens = [(role, tok.encode()) for role, tok in
                         (("admin", settings.admin_token), ("finance", settings.finance_token))
                         if tok]
         self.closed = settings.admin_token is None
-        # Behind a TLS-terminating proxy the request itself is plain HTTP, so only the
-        # setting (admin.secure_cookies) can mark the session cookie Secure there.
-        self.secure_cookies = settings.secure_cookies
-        self.sessions = SessionStore()
         self.limiter = FailureLimiter()
+        self.signer: SessionSigner | None = None  # set on first use: the secret is in the DB
+        self._signer_lock = asyncio.Lock()
+
+    async def load_signer(self, ledger: Ledger) -> SessionSigner:
+        """The signer, keyed by the secret every replica on this database shares."""
+        if self.signer is None:
+            async with self._signer_lock:
+                if self.signer is None:
+                    self.signer = SessionSigner(await shared_secret(ledger), dict(self._tokens))
+        return self.signer
+
+    async def session_of(self, request: web.Request) -> Session | None:
+        """The valid, unrevoked session behind the request's cookie, if any."""
+        cookie = request.cookies.get(COOKIE)
+        if not cookie:
+            return None
+        ledger = request.app[GATEWAY].ledger
+        session = (await self.load_signer(ledger)).verify(cookie)
+        if session is None or await is_revoked(ledger, session):
+            return None
+        return session
 
     def role_for(self, token: str) -> str | None:
         """The role a token grants; every configured token is compared, in constant time."""
@@ -189,6 +166,33 @@ def client_ip(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+def secure_cookies(request: web.Request) -> bool:
+    """Whether admin cookies get the ``Secure`` flag.
+
+    ``admin.secure_cookies: true/false`` decides outright; by default (``auto``) they are
+    Secure when the browser talks HTTPS to us: directly, or through a reverse proxy listed in
+    ``admin.trusted_proxies`` that says so with ``X-Forwarded-Proto: https`` (from anyone
+    else that header is ignored: a client could send it).
+    """
+    settings = request.app[GATEWAY].settings
+    if settings.admin_secure_cookies is not None:
+        return settings.admin_secure_cookies
+    if request.secure:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return proto == "https" and _from_trusted_proxy(request, settings.admin_trusted_proxies)
+
+
+def _from_trusted_proxy(request: web.Request, proxies: tuple[str, ...]) -> bool:
+    if not proxies or not request.remote:
+        return False
+    try:
+        peer = ipaddress.ip_address(request.remote)
+    except ValueError:  # e.g. a Unix socket
+        return False
+    return any(peer in ipaddress.ip_network(net) for net in proxies)
+
+
 def is_api(request: web.Request) -> bool:
     return request.path.startswith("/admin/api/")
 
@@ -218,7 +222,7 @@ async def authenticate(request: web.Request) -> Principal:
     if is_api(request):
         raise NotAuthenticated("The admin API needs 'Authorization: Bearer <admin or finance "
                                "token>'.")
-    session = auth.sessions.get(request.cookies.get(COOKIE))
+    session = await auth.session_of(request)
     if session is None:
         raise login_redirect(request)
     return Principal(session.role, "ui", ip, session)

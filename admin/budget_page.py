@@ -27,7 +27,7 @@ async def _page(request: web.Request, status: int = 200, **extra: Any) -> web.Re
     removed = sorted(k for k, v in stored.items() if v is None
                      and k in gw.settings.budgets.limits and k not in gw.budgets.limits)
     context = {"period": period, "scopes": scopes, "scope_kinds": SCOPES, "removed": removed,
-               "form": {}, "config_limits": gw.settings.budgets.limits,
+               "form": {}, "row_form": None, "config_limits": gw.settings.budgets.limits,
                "override_error": None, "cap_error": None}
     context.update(extra)
     return render(request, "budget.html", context, status=status, active="budget")
@@ -71,6 +71,9 @@ async def save_cap(request: web.Request) -> web.Response:
         reason = validate.reason(values["reason"], required=False)
         await ops.set_cap(gw, key, limit, principal(request).actor, reason)
     except GatewayError as exc:
+        # A rejected edit stays in its own row; only the "add a cap" form refills that form.
+        if form_text(form, "origin") == "row":
+            return await _page(request, exc.status, cap_error=exc.message, row_form=values)
         return await _page(request, exc.status, cap_error=exc.message, form=values)
     flash(request, f"Cap for {key[0]} '{key[1]}' set to ${values['monthly_usd'].strip()} a "
                    "month; it applies from the next request.")

@@ -67,8 +67,11 @@ def nice_ceiling(pico: int) -> int:
 
 
 def daily_chart(period: str, by_day: Mapping[str, int], width: int = 720,
-                height: int = 240) -> DailyChart:
+                height: int = 240, left: int = 72) -> DailyChart:
     """Bars for every day of ``period`` (``YYYY-MM``) from spend keyed ``YYYY-MM-DD``.
+
+    ``width``/``height`` are viewBox units. A phone shows a narrower chart (e.g. 360 wide)
+    at about its own size, so its labels stay legible; ``left`` leaves room for the amounts.
 
     Days outside the month (the ledger groups by UTC day; a budget time zone other than UTC
     shifts a few hours across the edges) are added to the nearest day of the month, so the
@@ -85,7 +88,7 @@ def daily_chart(period: str, by_day: Mapping[str, int], width: int = 720,
         else:
             index = min(max(int(date[8:10]) - 1, 0), ndays - 1)
         costs[index] += int(cost)
-    left, top, right, bottom = 72, 12, width - 8, height - 26
+    top, right, bottom = 12, width - 8, height - 26
     plot_w, plot_h = right - left, bottom - top
     peak = max(costs)
     axis_max = nice_ceiling(peak)

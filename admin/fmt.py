@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 from gateway.money import to_usd
@@ -43,3 +44,26 @@ def share(part: int, whole: int) -> str:
 
 def count(number: int) -> str:
     return f"{number:,}"
+
+
+def plural(number: int, noun: str, many: str | None = None) -> str:
+    """``plural(1, "request")`` -> ``'1 request'``, ``plural(1200, "request")`` -> ``'1,200
+    requests'``."""
+    return f"{number:,} {noun if number == 1 else many or noun + 's'}"
+
+
+def when(value: str | None) -> str:
+    """One timestamp format on every page (UTC, to the second): ``2026-11-29 22:04:51``.
+
+    >>> when("2026-11-29T22:04:51.123456Z"), when("2026-11-29T23:04:51+01:00"), when(None)
+    ('2026-11-29 22:04:51', '2026-11-29 22:04:51', '')
+    """
+    if not value:
+        return ""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value[:19].replace("T", " ")
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")

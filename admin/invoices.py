@@ -60,7 +60,8 @@ CSV_COLUMNS = (
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 __all__ = [  # the invoice API, including what it re-exports from admin.pdf_sandbox
     "ASSETS", "BUNDLED_ASSETS", "CSV_COLUMNS", "MAX_LINES", "Breakdown", "Invoice",
-    "InvoiceRenderError", "InvoiceSource", "Line", "allocate_cents", "build_invoice", "charge",
+    "InvoiceRenderError", "InvoiceSource", "Line", "NoActivity", "allocate_cents",
+    "build_invoice", "charge",
     "display_label", "format_cents", "html_to_pdf", "invoice_command", "invoice_files",
     "invoice_number", "invoice_paths", "link_callback", "make_invoice", "neutralise",
     "render_csv", "render_html", "render_pdf", "round_half_up_cents", "safe_name",
@@ -160,7 +161,14 @@ class Invoice:
 
     @property
     def upstream_errors(self) -> int:
-        return sum(1 for e in self.entries if e.status >= 400 or e.status == 0)
+        """Finished requests the upstream failed (an error status, or no answer at all)."""
+        return sum(1 for e in self.entries
+                   if e.state != "pending" and (e.status >= 400 or e.status == 0))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests still running (charged at their reserved upper bound until they end)."""
+        return sum(1 for e in self.entries if e.state == "pending")
 
     def breakdown(self, key: str) -> Breakdown:
         return next(b for b in self.breakdowns if b.key == key)
@@ -209,6 +217,12 @@ def charge(entry: LedgerEntry) -> int:
 
 
 # -- building ---------------------------------------------------------------------------------
+class NoActivity(ValueError):
+    """No invoice: a closed month without a single ledger entry, or a month not yet begun.
+
+    A "Final" invoice of $0.00 for a month costwall never saw would look like a statement
+    that nothing was used; the running month, even empty, gets its interim statement.
+    """
 def validate_period(period: str) -> str:
     """``YYYY-MM`` or ValueError; nothing else (no paths, no ``2026-1``, no month 13)."""
     if not isinstance(period, str) or PERIOD_RE.fullmatch(period) is None:
@@ -312,13 +326,13 @@ def make_invoice(entries: list[LedgerEntry], period: str, tenant: str | None, co
         _breakdown(entries, "campaign", "By campaign",
                    lambda e: display_label(e.campaign, "(no campaign)"),
                    other="Other campaigns"),
-        _breakdown(entries, "agent", "By agent", lambda e: display_label(e.agent, "(none)"),
+        _breakdown(entries, "agent", "By agent", lambda e: display_label(e.agent, "(no agent)"),
                    other="Other agents"),
         _breakdown(entries, "day", "By day", day, order="label"),
     ]
     if tenant is None:
         breakdowns.insert(1, _breakdown(entries, "tenant", "By tenant",
-                                        lambda e: display_label(e.tenant, "(none)"),
+                                        lambda e: display_label(e.tenant, "(no tenant)"),
                                         other="Other tenants"))
     invoice = Invoice(
         number=invoice_number(period, tenant), period=period, issue_date=issue, tenant=tenant,
@@ -335,10 +349,18 @@ async def build_invoice(gw: InvoiceSource, period: str, tenant: str | None) -> I
     """Read a month's ledger entries (one tenant, or all when None/empty) into an Invoice."""
     validate_period(period)
     tenant = tenant or None
-    entries = await gw.ledger.entries(period, tenant)
     settings = gw.settings
+    now = gw.clock()
+    current = period_of(now, settings.budgets.tz)
+    if period > current:
+        raise NoActivity(f"{period} has not begun yet: there is nothing to invoice.")
+    entries = await gw.ledger.entries(period, tenant)
+    if not entries and period < current:
+        who = f" for tenant '{display_label(tenant, '')}'" if tenant else ""
+        raise NoActivity(f"No activity in {period}{who}: the ledger has no requests, so there "
+                         "is no invoice.")
     return make_invoice(entries, period, tenant, settings.invoice_company,
-                        settings.budgets.tz, gw.clock())
+                        settings.budgets.tz, now)
 
 
 # -- CSV --------------------------------------------------------------------------------------
@@ -465,6 +487,8 @@ async def invoice_command(settings: Settings, month: str | None, tenant: str | N
             invoice = await build_invoice(_LedgerOnly(settings, ledger, clock), period, tenant)
         finally:
             await ledger.close()
+    except NoActivity as exc:
+        return _fail(str(exc), 1)
     except Exception as exc:  # a database that is down or unreadable: say so, no traceback
         return _fail(f"cannot read the ledger ({settings.database.split('://')[0]}): "
                      f"{type(exc).__name__}: {exc}", 1)

@@ -51,6 +51,8 @@ async def _build(request: web.Request, month: str, tenant: str | None) -> object
     inv = _renderer()
     try:
         return await inv.build_invoice(request.app[GATEWAY], month, tenant)
+    except inv.NoActivity as exc:
+        raise Missing(str(exc)) from None
     except ValueError as exc:
         raise BadInput(str(exc)) from None
 

@@ -10,14 +10,16 @@ from admin.auth import (
     AUTH,
     CLOSED_MESSAGE,
     COOKIE,
-    SESSION_TTL_S,
     client_ip,
     principal,
     read_form,
     requires,
+    secure_cookies,
 )
 from admin.errors import RateLimited
 from admin.render import render
+from admin.sessions import SESSION_TTL_S, revoke
+from gateway.services import GATEWAY
 
 log = logging.getLogger("costwall.admin")
 MAX_TOKEN_CHARS = 1024
@@ -36,7 +38,7 @@ async def login_page(request: web.Request) -> web.Response:
     if auth.closed:
         return render(request, "login.html", {"error": CLOSED_MESSAGE, "next": "/admin",
                                               "closed": True}, status=503)
-    if auth.sessions.get(request.cookies.get(COOKIE)) is not None:
+    if await auth.session_of(request) is not None:
         raise web.HTTPSeeOther(safe_next(request.query.get("next")))
     return render(request, "login.html", {"next": safe_next(request.query.get("next")),
                                           "closed": False})
@@ -67,20 +69,20 @@ async def login_submit(request: web.Request) -> web.Response:
         auth.record_failure(ip, "login")
         return render(request, "login.html", {"error": "That token is not valid.",
                                               "next": target, "closed": False}, status=401)
-    session = auth.sessions.create(role)
+    signer = await auth.load_signer(request.app[GATEWAY].ledger)
+    cookie, _ = signer.issue(role)
     log.info("admin login: role %s from %s", role, ip)
     response = web.HTTPSeeOther(target)
-    response.set_cookie(COOKIE, session.id, max_age=SESSION_TTL_S, path="/admin",
-                        httponly=True, samesite="Strict",
-                        secure=request.secure or auth.secure_cookies)
+    response.set_cookie(COOKIE, cookie, max_age=SESSION_TTL_S, path="/admin",
+                        httponly=True, samesite="Strict", secure=secure_cookies(request))
     raise response
 
 
 @requires("read")
 async def logout(request: web.Request) -> web.Response:
     who = principal(request)
-    if who.session is not None:
-        request.app[AUTH].sessions.drop(who.session.id)
+    if who.session is not None:  # ends it on every replica, not only this one
+        await revoke(request.app[GATEWAY].ledger, who.session)
     response = web.HTTPSeeOther("/admin/login")
     response.del_cookie(COOKIE, path="/admin")
     raise response

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from admin.auth import Handler
 from admin.errors import NotAuthenticated, RateLimited
-from admin.render import render
+from admin.render import flash_cookie, render
 from gateway.errors import GatewayError
 
 log = logging.getLogger("costwall.admin")
@@ -66,11 +66,12 @@ async def admin_errors(request: web.Request, handler: Handler) -> web.StreamResp
     if not is_admin_path(request.path):
         return await handler(request)
     try:
-        return await handler(request)
+        response = await handler(request)
     except GatewayError as exc:
         return error_response(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
+            flash_cookie(request, exc)  # a redirect after a change carries its message
             raise
         return error_response(request, _from_http(exc, request))
     except Exception:
@@ -79,6 +80,8 @@ async def admin_errors(request: web.Request, handler: Handler) -> web.StreamResp
                              code="internal_error")
         error.status, error.type = 500, "server_error"
         return error_response(request, error)
+    flash_cookie(request, response)
+    return response
 
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:

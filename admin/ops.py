@@ -190,7 +190,7 @@ async def set_cap(gw: Gateway, key: ScopeKey, limit: int, actor: str, reason: st
     old = gw.budgets.limits.get(key)
     before = "none" if old is None else format_usd(old)
     audit = gw.admin_row(actor, "cap.set", f"{key[0]}:{key[1]}",
-                         f"monthly_usd {before} -> {format_usd(limit)}", reason)
+                         f"monthly_usd {before} → {format_usd(limit)}", reason)
     await _commit(gw, gw.ledger.set_cap(key, limit, audit=audit))
     await gw.budgets.set_limit(key, limit)
 
@@ -201,7 +201,7 @@ async def remove_cap(gw: Gateway, key: ScopeKey, actor: str, reason: str = "") -
     if old is None:
         raise Missing(f"There is no cap for {key[0]} '{key[1]}'.")
     audit = gw.admin_row(actor, "cap.remove", f"{key[0]}:{key[1]}",
-                         f"monthly_usd {format_usd(old)} -> none", reason)
+                         f"monthly_usd {format_usd(old)} → none", reason)
     await _commit(gw, gw.ledger.set_cap(key, None, audit=audit))
     await gw.budgets.set_limit(key, None)
 

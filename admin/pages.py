@@ -25,11 +25,19 @@ async def dashboard(request: web.Request) -> web.Response:
     tops = {group: (await ops.usage(gw, period, group))[:TOP_N]
             for group in ("agent", "campaign", "model")}
     overshoot = (await gw.ledger.overshoot(period)).get(GLOBAL, (0, 0))
+    # The ledger counts a request still in flight at its reserved bound; the Spent card shows
+    # what has settled and the reservations apart, as the budget rows beside it do.
+    pending = next((r for r in await ops.usage(gw, period, "state") if r.group == "pending"),
+                   None)
+    reserved = pending.cost if pending else 0
     return render(request, "dashboard.html", {
         "period": period, "scopes": scopes, "overshoot": overshoot,
         "overshoot_column": any(v.overshoot[1] for v in scopes),
         "chart": daily_chart(period, {r.group: r.cost for r in days}),
-        "tops": tops, "total": sum(r.cost for r in days),
+        "chart_narrow": daily_chart(period, {r.group: r.cost for r in days}, width=360,
+                                    height=220, left=64),
+        "tops": tops, "total": sum(r.cost for r in days) - reserved, "reserved": reserved,
+        "in_flight": pending.requests if pending else 0,
         "requests": sum(r.requests for r in days),
         "overrides": sum(r.overrides for r in days),
         "warn_at": gw.budgets.warn_at,

@@ -15,12 +15,14 @@ import jinja2
 from aiohttp import web
 
 from admin import fmt
-from admin.auth import PRINCIPAL
+from admin.auth import AUTH, PRINCIPAL, secure_cookies
 from gateway.money import format_usd
 from gateway.services import GATEWAY
 
 TEMPLATES = Path(__file__).parent / "templates"
 JINJA = web.AppKey("costwall_admin_jinja", jinja2.Environment)
+FLASH_COOKIE = "costwall_flash"
+OUTGOING = web.RequestKey("costwall_admin_flash", list)
 NAV = (("dashboard", "/admin", "Dashboard"), ("budget", "/admin/budget", "Budget"),
        ("invoices", "/admin/invoices", "Invoices"), ("logs", "/admin/logs", "Logs"),
        ("keys", "/admin/keys", "Keys"))
@@ -32,15 +34,41 @@ def setup_templates(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined, default_helpers=False, trim_blocks=True,
         lstrip_blocks=True,
         filters={"usd": fmt.usd, "usd_exact": format_usd, "percent": fmt.percent,
-                 "share": fmt.share, "count": fmt.count},
+                 "share": fmt.share, "count": fmt.count, "plural": fmt.plural,
+                 "when": fmt.when},
     )
 
 
 def flash(request: web.Request, message: str, level: str = "ok") -> None:
-    """A one-time message for the next page this browser session sees."""
+    """A one-time message for the next page this browser session sees (after a redirect).
+
+    Sessions live in no server's memory, so the message travels in a short-lived cookie
+    signed for this session (the admin middleware sets it with ``flash_cookie``; ``render``
+    reads and clears it).
+    """
     who = request.get(PRINCIPAL)
     if who is not None and who.session is not None:
-        who.session.flash.append((level, message))
+        request.setdefault(OUTGOING, []).append((level, message))
+
+
+def flash_cookie(request: web.Request, response: web.StreamResponse) -> None:
+    """Put the messages ``flash`` queued into the signed flash cookie of ``response``."""
+    outgoing = request.get(OUTGOING)
+    if not outgoing:
+        return
+    who, signer = request.get(PRINCIPAL), request.app[AUTH].signer
+    if who is not None and who.session is not None and signer is not None:
+        response.set_cookie(FLASH_COOKIE, signer.sign_flash(who.session, outgoing),
+                            max_age=300, path="/admin", httponly=True, samesite="Strict",
+                            secure=secure_cookies(request))
+
+
+def _take_flash(request: web.Request) -> list[tuple[str, str]]:
+    who = request.get(PRINCIPAL)
+    signer = request.app[AUTH].signer
+    if who is None or who.session is None or signer is None:
+        return []
+    return signer.read_flash(who.session, request.cookies.get(FLASH_COOKIE))
 
 
 def render(request: web.Request, template: str, context: Mapping[str, Any] | None = None,
@@ -48,14 +76,15 @@ def render(request: web.Request, template: str, context: Mapping[str, Any] | Non
     """Render ``template`` with the shared context: caller, override state, nav, messages."""
     gw = request.app[GATEWAY]
     who = request.get(PRINCIPAL)
-    messages: list[tuple[str, str]] = []
-    if who is not None and who.session is not None:
-        messages, who.session.flash[:] = list(who.session.flash), []
+    messages = _take_flash(request)
     base: dict[str, Any] = {
         "principal": who, "csrf": who.csrf if who else "", "override": gw.overrides.state,
         "nav": NAV if who else (), "active": active, "messages": messages, "error": None,
         "company": gw.settings.invoice_company,
     }
     base.update(context or {})
-    return aiohttp_jinja2.render_template(template, request, base, app_key=JINJA,
-                                          status=status)
+    response = aiohttp_jinja2.render_template(template, request, base, app_key=JINJA,
+                                              status=status)
+    if FLASH_COOKIE in request.cookies:  # shown once
+        response.del_cookie(FLASH_COOKIE, path="/admin")
+    return response

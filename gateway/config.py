@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Collection, Mapping
@@ -71,7 +72,8 @@ SECTION_KEYS: dict[str, frozenset[str]] = {
     "upstream": frozenset({"base_url", "api_key_env", "timeout_s", "connect_timeout_s",
                            "max_connections"}),
     "ledger": frozenset({"synchronous", "pool_size", "reclaim_after_s"}),
-    "admin": frozenset({"token_env", "finance_token_env", "secure_cookies"}),
+    "admin": frozenset({"token_env", "finance_token_env", "secure_cookies",
+                         "trusted_proxies"}),
     "budgets": frozenset({"timezone", "warn_at", "near_cap", "min_output_tokens",
                           "max_tool_calls", "global", "tenants", "agents", "campaigns", "keys"}),
     "budget_entry": frozenset({"monthly_usd"}),
@@ -226,6 +228,10 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     admin_token: str | None = None
     finance_token: str | None = None
+    # Admin cookies' Secure flag: None = when the request came over HTTPS (directly, or per
+    # X-Forwarded-Proto from one of admin_trusted_proxies); True/False = always/never.
+    admin_secure_cookies: bool | None = None
+    admin_trusted_proxies: tuple[str, ...] = ()
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     override_allow: bool = False
     keys: tuple[VirtualKey, ...] = ()
@@ -237,7 +243,6 @@ class Settings:
     # A connection must send a complete request head within this long of opening (or of its
     # previous response), else it is closed: slowloris clients cannot pin connections.
     header_timeout_s: float = 30.0
-    secure_cookies: bool = False  # admin.secure_cookies: the session cookie is always Secure
 
 
 def hash_key(secret: str) -> str:
@@ -306,6 +311,20 @@ def _money(value: Any, where: str, problems: list[str]) -> int | None:
         problems.append(f"{field_where}: expected an amount in USD such as 200 or \"12.50\" "
                         f"({exc})")
         return None
+
+
+def _networks(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    """A list of IP addresses or CIDR networks (``10.0.0.0/8``), kept as normalised text."""
+    if not isinstance(value, list):
+        problems.append(f"{where}: must be a list of IP addresses or networks")
+        return ()
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            problems.append(f"{where}: {str(item)[:60]!r} is not an IP address or network")
+    return tuple(out)
 
 
 def _section(raw: Mapping[str, Any], name: str, problems: list[str]) -> Mapping[str, Any]:
@@ -533,6 +552,11 @@ def _settings(raw: Mapping[str, Any], base: Path, pricing_path: Path, env: Mappi
             problems.append(f"{name}: admin tokens must be at least 16 characters")
     if admin_token and admin_token == finance_token:
         problems.append("admin and finance tokens must differ")
+    secure_raw = admin.get("secure_cookies", "auto")
+    secure_cookies = None if secure_raw in ("auto", None) else _bool(
+        secure_raw, "admin.secure_cookies (true, false or auto)", problems)
+    trusted_proxies = _networks(admin.get("trusted_proxies", []), "admin.trusted_proxies",
+                                problems)
 
     unknown_model = str(raw.get("unknown_model", "reject"))
     budgets_raw = _section(raw, "budgets", problems)
@@ -560,7 +584,6 @@ def _settings(raw: Mapping[str, Any], base: Path, pricing_path: Path, env: Mappi
     grace = _number(limits.get("shutdown_grace_s", 30), "limits.shutdown_grace_s", problems)
     header_timeout = _number(limits.get("header_timeout_s", 30), "limits.header_timeout_s",
                              problems)
-    secure_cookies = _bool(admin.get("secure_cookies", False), "admin.secure_cookies", problems)
 
     settings = Settings(
         host=host, port=port, upstream_url=upstream_url.rstrip("/"), upstream_key=upstream_key,
@@ -571,10 +594,10 @@ def _settings(raw: Mapping[str, Any], base: Path, pricing_path: Path, env: Mappi
         reports_dir=_dir(env, "COSTWALL_REPORTS_DIR", raw, "reports_dir", "reports", base),
         pricing_path=pricing_path, unknown_model=unknown_model, max_body_bytes=max_body,
         admin_token=admin_token, finance_token=finance_token, budgets=budgets,
+        admin_secure_cookies=secure_cookies, admin_trusted_proxies=trusted_proxies,
         override_allow=override_allow, keys=keys, log_format=log_format, log_level=log_level,
         access_log=access_log, invoice_company=str(invoices.get("company", "costwall")),
         shutdown_grace_s=grace, header_timeout_s=header_timeout,
-        secure_cookies=secure_cookies,
     )
     if problems:
         raise ConfigError(problems)

@@ -125,6 +125,9 @@ class BudgetExceeded(GatewayError):
             "limit_usd": format_usd(self.limit),
             "spent_usd": format_usd(self.spent),
         }  # exactly SPEC's five fields; reserved and the estimate are in the message
+        # Repeated inside ``error``: the OpenAI SDK hands its users only the error object
+        # (``APIStatusError.body``), so the top-level copy is out of their reach.
+        body["error"]["budget"] = body["budget"]
         return body
 
 

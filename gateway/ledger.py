@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # invalid: the upstream reported a usage that cannot be real (gateway.usage); the request
 # was charged by counting, or at its reserved bound when there was nothing to count.
 USAGE_SOURCES = ("upstream", "counted", "reserved", "none", "invalid")
-GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task")
+GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task", "state")
 
 
 @dataclass(slots=True)
@@ -127,6 +127,9 @@ class Ledger(Protocol):
 
     async def set_setting(self, key: str, value: str, audit: AuditRow | None = None) -> None:
         """Store a setting; with ``audit``, in one transaction with that audit event."""
+
+    async def add_setting(self, key: str, value: str) -> str:
+        """Store ``value`` unless ``key`` has one; return the stored value (racers agree)."""
 
     async def caps(self) -> dict[ScopeKey, int | None]:
         """Caps set by admins, overriding config; None means the limit was removed."""

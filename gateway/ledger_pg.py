@@ -389,6 +389,14 @@ class PostgresLedger:
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
             "updated_at = excluded.updated_at", key, value, audit=audit)
 
+    async def add_setting(self, key: str, value: str) -> str:
+        await self.pool.execute(
+            "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, now()) "
+            "ON CONFLICT (key) DO NOTHING", key, value)
+        stored = await self.get_setting(key)
+        assert stored is not None  # settings rows are never deleted
+        return stored
+
     async def caps(self) -> dict[ScopeKey, int | None]:
         rows = await self.pool.fetch("SELECT scope, id, monthly FROM budget_caps")
         return {(r[0], r[1]): r[2] for r in rows}

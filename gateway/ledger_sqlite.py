@@ -649,6 +649,14 @@ class SqliteLedger:
             (key, value, _ts(datetime.now(UTC))), audit,
         )
 
+    async def add_setting(self, key: str, value: str) -> str:
+        await self._write(
+            "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO NOTHING", (key, value, _ts(datetime.now(UTC))))
+        stored = await self.get_setting(key)
+        assert stored is not None  # settings rows are never deleted
+        return stored
+
     async def caps(self) -> dict[ScopeKey, int | None]:
         rows = await self._fetch("SELECT scope, id, monthly FROM budget_caps")
         return {(r[0], r[1]): r[2] for r in rows}

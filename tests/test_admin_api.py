@@ -21,7 +21,8 @@ from urllib.parse import urlencode, urlsplit
 import openai
 import pytest
 
-from admin.auth import FailureLimiter, SessionStore
+from admin.auth import FailureLimiter
+from admin.sessions import SessionSigner
 from gateway.config import hash_key
 from gateway.money import format_usd, to_pico
 from tests.harness import ADMIN_TOKEN, FINANCE_TOKEN, KEYS, Response, Stack
@@ -131,16 +132,31 @@ def admin_stack(tmp_path: Path) -> Any:
 # -- unit: sessions and the failed-login limiter -----------------------------------------------
 def test_sessions_expire_and_failures_are_limited_per_address() -> None:
     now = [1000.0]
-    store = SessionStore(ttl_s=60, max_sessions=3, clock=lambda: now[0])
-    first = store.create("admin")
-    assert store.get(first.id) is first and first.role == "admin"
-    assert first.csrf != first.id and len(first.id) >= 40
+    tokens = {"admin": ADMIN_TOKEN.encode(), "finance": FINANCE_TOKEN.encode()}
+    signer = SessionSigner(b"k" * 32, tokens, ttl_s=60, clock=lambda: now[0])
+    cookie, first = signer.issue("admin")
+    assert signer.verify(cookie) == first and first.role == "admin"
+    assert first.csrf != first.id and len(first.csrf) >= 40 and ADMIN_TOKEN not in cookie
+    role, sid, expires, mac = cookie.split(".")[1:]
+    assert (role, sid, int(expires)) == ("admin", first.id, 1060)
+    # any change to role, id or expiry breaks the signature; so do another secret or token
+    assert signer.verify(cookie.replace(".admin.", ".finance.")) is None
+    assert signer.verify(f"v1.admin.{sid}.{int(expires) + 3600}.{mac}") is None
+    assert signer.verify(cookie[:-2] + ("AA" if cookie[-2:] != "AA" else "BB")) is None
+    assert SessionSigner(b"x" * 32, tokens, ttl_s=60, clock=lambda: now[0]).verify(cookie) is None
+    rotated = {**tokens, "admin": b"a-new-admin-token-0123456789"}
+    assert SessionSigner(b"k" * 32, rotated, ttl_s=60, clock=lambda: now[0]).verify(
+        cookie) is None  # rotating a role's token ends its sessions
+    assert signer.verify("v1.admin.x.1.y") is None and signer.verify("garbage") is None
     now[0] += 59
-    assert store.get(first.id) is first
+    assert signer.verify(cookie) == first
     now[0] += 2
-    assert store.get(first.id) is None  # expired and forgotten
-    ids = [store.create("finance").id for _ in range(4)]
-    assert store.get(ids[0]) is None and store.get(ids[-1]) is not None  # bounded, oldest out
+    assert signer.verify(cookie) is None  # expired
+    # one-time messages are bound to the session they were written for
+    _, other = signer.issue("finance")
+    flash = signer.sign_flash(other, [("ok", "saved <b>")])
+    assert signer.read_flash(other, flash) == [("ok", "saved <b>")]
+    assert signer.read_flash(first, flash) == [] and signer.read_flash(other, "x.y") == []
 
     limiter = FailureLimiter(limit=5, window_s=60, clock=lambda: now[0])
     for _ in range(4):
@@ -233,7 +249,7 @@ def test_cap_changes_apply_to_the_next_request_and_survive_a_restart(admin_stack
     event = admin_events(s)[-1]
     assert event["action"] == "cap.set" and event["target"] == "tenant:acme"
     assert event["actor"] == "admin (api, 127.0.0.1)" and event["reason"] == "freeze acme"
-    assert event["detail"] == "monthly_usd 50 -> 0.000001"
+    assert event["detail"] == "monthly_usd 50 → 0.000001"
     assert s.call(lambda gw: gw.ledger.caps())[("tenant", "acme")] == 1_000_000
 
     s.restart()

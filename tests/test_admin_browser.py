@@ -223,10 +223,122 @@ def test_script_in_a_campaign_id_is_only_text(ui: UI) -> None:
     page.context.close()
 
 
-def test_fits_a_phone_and_finance_sees_no_forms(ui: UI) -> None:
-    page = ui.page(token=FINANCE_TOKEN, viewport={"width": 390, "height": 844},
-                   is_mobile=True, device_scale_factor=2)
-    for path in ("/admin", "/admin/budget", "/admin/logs"):
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
+         "device_scale_factor": 2}
+PAGES = ("/admin", "/admin/budget", "/admin/logs", "/admin/keys", "/admin/invoices")
+# Is the element inside the 390 px wide viewport (after scrolling the page to it), and is it
+# what a tap at its centre would hit (not covered, not clipped by a container)?
+REACHABLE = """(el) => {
+  el.scrollIntoView({block: "center", inline: "nearest"});
+  const r = el.getBoundingClientRect();
+  if (r.width === 0 || r.height === 0) return "not shown";
+  if (r.left < 0 || r.right > window.innerWidth) return `off-screen: ${r.left}..${r.right}`;
+  const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+  return hit && (hit === el || el.contains(hit)) ? "ok" : `covered by ${hit && hit.outerHTML}`;
+}"""
+# Placeholders cut off by their input (measured in the input's own font).
+CUT_PLACEHOLDERS = """() => {
+  const ctx = document.createElement("canvas").getContext("2d");
+  return [...document.querySelectorAll("input[placeholder]")].filter((i) => {
+    if (!i.offsetParent) return false;
+    const s = getComputedStyle(i);
+    ctx.font = s.font;
+    const room = i.clientWidth - parseFloat(s.paddingLeft) - parseFloat(s.paddingRight);
+    return ctx.measureText(i.placeholder).width > room;
+  }).map((i) => i.placeholder);
+}"""
+# The font size a chart label is drawn at, in CSS pixels (viewBox units times the scale).
+LABEL_PX = """(text) => {
+  const svg = text.ownerSVGElement;
+  const scale = svg.getBoundingClientRect().width / svg.viewBox.baseVal.width;
+  return parseFloat(getComputedStyle(text).fontSize) * scale;
+}"""
+
+
+def reachable(page: Any, selector: str, at_least: int = 1) -> None:
+    elements = page.locator(selector)
+    assert elements.count() >= at_least, (page.url, selector)
+    for i in range(elements.count()):
+        assert elements.nth(i).evaluate(REACHABLE) == "ok", (page.url, selector, i)
+
+
+def test_every_page_is_usable_on_a_phone(ui: UI) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    created = ui.stack.request("POST", "/admin/api/keys", headers=admin,
+                               json={"name": "phone-bot", "tenant": "acme"})
+    assert created.status == 201
+    ui.stack.call(lambda gw: gw.budgets.set_limit(("campaign", "phone-test"), 0))
+    with pytest.raises(openai.APIStatusError):  # a blocked event for the logs page
+        ui.chat(**{"X-Costwall-Campaign": "phone-test"})
+    ui.stack.call(lambda gw: gw.budgets.set_limit(("campaign", "phone-test"), None))
+    ui.stack.request("PUT", "/admin/api/budgets/agent/phone-agent", headers=admin,
+                     json={"monthly_usd": "3", "reason": "a reason that is rather long " * 4})
+    page = ui.page(**PHONE)
+    for path in PAGES:
+        page.goto(ui.stack.url + path)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, (path, width)  # nothing makes the whole page scroll sideways
+        # nothing hides in a sideways-scrolling box either: rows reflow, the nav wraps
+        hidden = page.evaluate("""[...document.querySelectorAll('nav, .table-wrap')]
+            .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.className || e.tagName)""")
+        assert hidden == [], (path, hidden)
+        reachable(page, 'nav a:text-is("Keys")')
+        reachable(page, "button[type=submit]")  # every form's button (log out too)
+        reachable(page, "main input:not([type=hidden]), main select", at_least=0)
+        assert page.evaluate(CUT_PLACEHOLDERS) == [], path
+        page.screenshot(path=str(ui.stack.dir / f"phone{path.replace('/', '-')}.png"),
+                        full_page=True)
+
+    page.goto(f"{ui.stack.url}/admin")
+    labels = page.locator("svg.chart text")
+    sizes = [labels.nth(i).evaluate(LABEL_PX) for i in range(labels.count())
+             if labels.nth(i).is_visible()]
+    assert len(sizes) >= 10 and min(sizes) >= 10, sizes  # legible: 10 px or more
+    for cell in ("Limit", "Spent", "Reserved", "Utilization"):
+        reachable(page, f'table.scopes td[data-label="{cell}"]')
+
+    page.goto(f"{ui.stack.url}/admin/logs")
+    for cell in ("Time (UTC)", "Kind", "Who", "Details", "Reason"):
+        reachable(page, f'table.events tr.kind-blocked td[data-label="{cell}"]')
+    reachable(page, 'table.events tr.kind-admin td[data-label="Who"]')
+
+    page.goto(f"{ui.stack.url}/admin/budget")
+    reachable(page, "table.caps button:text-is('Save')")
+    reachable(page, "table.caps button:text-is('Remove')")
+    row = page.locator('tr[data-scope="agent:phone-agent"]')
+    row.locator('input[name="monthly_usd"]').tap()
+    row.locator('input[name="monthly_usd"]').fill("4.5")
+    row.locator("button", has_text="Save").tap()
+    assert "set to $4.5" in page.locator(".flash").inner_text()
+    page.locator('tr[data-scope="agent:phone-agent"] button', has_text="Remove").tap()
+    page.locator(".flash").wait_for()
+    assert page.locator('tr[data-scope="agent:phone-agent"]').count() == 0
+
+    page.goto(f"{ui.stack.url}/admin/keys")
+    reachable(page, 'tr[data-key="phone-bot"] button:text-is("Revoke")')
+    page.locator('tr[data-key="phone-bot"] button', has_text="Revoke").tap()
+    assert "revoked" in page.locator('tr[data-key="phone-bot"]').inner_text()
+    page.goto(f"{ui.stack.url}/admin/invoices")
+    reachable(page, "table.invoices a:text-is('PDF')")
+    page.context.close()
+
+
+def test_a_wide_window_keeps_tables_and_the_wide_chart(ui: UI) -> None:
+    page = ui.page(viewport={"width": 1280, "height": 900})
+    assert page.locator("svg.chart-wide").is_visible()
+    assert not page.locator("svg.chart-narrow").is_visible()
+    assert page.locator("table.scopes thead").is_visible()  # a real table again
+    box = page.locator("table.scopes").bounding_box()
+    assert box is not None and box["width"] > 1000  # the table fills its card
+    for path in PAGES:
+        page.goto(ui.stack.url + path)
+        assert page.evaluate(CUT_PLACEHOLDERS) == [], path
+    page.context.close()
+
+
+def test_finance_on_a_phone_sees_no_forms(ui: UI) -> None:
+    page = ui.page(token=FINANCE_TOKEN, **PHONE)
+    for path in PAGES:
         page.goto(ui.stack.url + path)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, (path, width)

@@ -201,14 +201,21 @@ def test_402_body_names_exactly_the_contract_fields(tmp_path: Path) -> None:
         assert resp.status == 402
         body = resp.json()
         assert set(body) == {"error", "budget"}
-        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert set(body["error"]) == {"message", "type", "param", "code", "budget"}
         assert body["error"]["type"] == body["error"]["code"] == "budget_exceeded"
         assert body["budget"] == {"scope": "tenant", "id": "acme",
                                   "period": stack.gw.budgets.current_period(),
                                   "limit_usd": "0.000001", "spent_usd": "0"}
+        assert body["error"]["budget"] == body["budget"]  # what the SDK hands its users
         message = body["error"]["message"]
         assert "tenant 'acme'" in message and "$0.000001" in message and "spent $0" in message
         assert resp.headers["X-Costwall-Request-Id"].startswith("cw-")
+        with pytest.raises(openai.APIStatusError) as refused:  # as SDK users see it
+            stack.client().chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        assert refused.value.status_code == 402
+        assert isinstance(refused.value.body, dict)
+        assert refused.value.body["budget"] == body["budget"]
+        assert refused.value.body["code"] == "budget_exceeded"
         assert stack.state.total_requests == 0  # nothing forwarded
     finally:
         stack.close()
@@ -610,12 +617,14 @@ def test_no_path_leaves_static_or_invoice_folders(stack: Stack) -> None:
         saved = browser.post("/admin/invoices/save", {"csrf": token, "tenant": tenant,
                                                       "month": "2026-01"})
         assert saved.status == 400, tenant
+    month = stack.gw.budgets.current_period()  # a month without activity has no invoice
     dotted = browser.post("/admin/invoices/save", {"csrf": token, "tenant": "..",
-                                                   "month": "2026-01"})
+                                                   "month": month})
     assert dotted.status == 303  # a tenant named ".." gets a safe file name, inside the folder
     written = sorted(p.name for p in (stack.settings.reports_dir / "invoices").iterdir())
-    assert len(written) == 2 and all(n.startswith("costwall_invoice_2026_01_") for n in written)
-    assert all(".." not in n.removeprefix("costwall_invoice_2026_01_") for n in written)
+    stem = f"costwall_invoice_{month.replace('-', '_')}_"
+    assert len(written) == 2 and all(n.startswith(stem) for n in written)
+    assert all(".." not in n.removeprefix(stem) for n in written)
 
 
 def test_reflected_request_text_is_escaped_on_error_and_login_pages(stack: Stack) -> None:

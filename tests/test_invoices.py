@@ -8,6 +8,7 @@ counts hits), an embedded font that draws non-Latin names, and the ``costwall in
 from __future__ import annotations
 
 import csv
+import html
 import io
 import random
 import subprocess
@@ -371,6 +372,51 @@ def test_timezone_decides_days_and_empty_months_render() -> None:
     text = pdf_text(render_pdf(empty))
     assert "No usage in this period." in text and "$ 0.00" in text
     assert csv_rows(render_csv(empty)) == []
+
+
+def test_interim_invoice_shows_in_flight_requests_apart_from_upstream_errors() -> None:
+    rows = [entry(1, "2026-11", day=2),
+            entry(2, "2026-11", day=2, status=502, cost=0),  # the upstream failed
+            entry(3, "2026-11", day=3, status=0, cost=0, usage_source="reserved"),  # no answer
+            entry(4, "2026-11", day=28, state="pending", status=0, cost=0,
+                  reserved=to_pico("0.02"))]  # still running
+    interim = make_invoice(rows, "2026-11", None, "costwall", ZoneInfo("UTC"),
+                           datetime(2026, 11, 28, 12, tzinfo=UTC))
+    assert not interim.final and (interim.upstream_errors, interim.in_flight) == (2, 1)
+    text = pdf_text(render_pdf(interim))
+    assert "Interim" in text and "upstream errors: 2 · in flight: 1" in text
+    assert "1 request still in flight is counted at its reserved upper bound" in text
+    assert interim.total_exact == HALF_CENT + to_pico("0.02")  # the bound, as the budgets do
+    closed = make_invoice(rows[:3], "2026-11", None, "costwall", ZoneInfo("UTC"),
+                          datetime(2026, 12, 2, tzinfo=UTC))
+    closed_text = pdf_text(render_pdf(closed))
+    assert "Final" in closed_text and "in flight" not in closed_text
+
+
+def test_a_month_without_activity_has_no_invoice(env: tuple[Stack, Canary],
+                                                  tmp_path: Path) -> None:
+    stack, _ = env
+    auth = {"Authorization": f"Bearer {harness_env()['COSTWALL_ADMIN_TOKEN']}"}
+    current = stack.gw.budgets.current_period()
+    for path, status, words in [
+        ("1999-01.pdf", 404, "No activity in 1999-01"),
+        ("1999-01.csv", 404, "No activity in 1999-01"),
+        (f"{CLOSED}.pdf?tenant=nobody", 404, "for tenant 'nobody'"),
+        ("2999-01.pdf", 404, "has not begun"),
+        (f"{CLOSED}.pdf?tenant=acme", 200, ""),
+        (f"{current}.pdf?tenant=nobody", 200, ""),  # the open month: an empty interim one
+    ]:
+        resp = stack.request("GET", f"/admin/invoices/{path}", headers=auth)
+        assert resp.status == status, (path, resp.body[:200])
+        if status == 404:
+            assert words in html.unescape(resp.body.decode()), path
+            assert b"Traceback" not in resp.body
+    empty_now = pdf_text(stack.request("GET", f"/admin/invoices/{current}.pdf?tenant=nobody",
+                                       headers=auth).body)
+    assert "Interim" in empty_now and "No usage in this period." in empty_now
+    done = run_cli(stack, "1999-01", "--out", str(tmp_path))
+    assert done.returncode == 1 and "No activity in 1999-01" in done.stderr
+    assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
 
 
 # -- the command line -------------------------------------------------------------------------

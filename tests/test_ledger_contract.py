@@ -182,6 +182,7 @@ async def _usage_fixture(ledger: Ledger) -> None:
     ("day", [("2026-11-03", 1, 100, 0), ("2026-11-04", 2, 500, 1), ("2026-11-05", 1, 10_000, 0)]),
     ("key_name", [("acme-content", 2, 10_100, 0), ("acme-ops", 1, 200, 1), ("globex", 1, 300, 0)]),
     ("task", [("", 3, 10_300, 1), ("t-9", 1, 300, 0)]),
+    ("state", [("pending", 1, 10_000, 0), ("settled", 3, 600, 1)]),  # in flight apart
 ])
 async def test_usage_groups(backend: Backend, group_by: str,
                             expected: list[tuple[str, int, int, int]]) -> None:
@@ -229,6 +230,16 @@ async def test_settings_and_caps(backend: Backend) -> None:
                                    ("campaign", "spring 'quoted'"): 10**12}
     again = await backend.open()  # survives a restart / is seen by another replica
     assert await again.caps() == await ledger.caps()
+
+
+async def test_add_setting_keeps_the_first_value(backend: Backend) -> None:
+    """Insert-if-absent: replicas racing to create a shared secret all get one value."""
+    first, second = await backend.open(), await backend.open()
+    got = await asyncio.gather(*(ledger.add_setting("admin.session_secret", f"value-{i}")
+                                 for i, ledger in enumerate([first, second] * 4)))
+    assert len(set(got)) == 1 and got[0].startswith("value-")
+    assert await first.add_setting("admin.session_secret", "later") == got[0]
+    assert await second.get_setting("admin.session_secret") == got[0]
 
 
 async def test_keys_add_and_revoke(backend: Backend) -> None:

@@ -3,8 +3,9 @@
 Runs the test harness (simulated OpenAI upstream + a real gateway on a free port), sends a
 month of traffic through the official SDK with a moving clock, then photographs the pages in
 headless Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright). Writes
-``dashboard.png``, ``budget.png``, ``override.png`` and ``dashboard-phone.png``
-(default ``docs/screenshots``). Nothing is downloaded.
+``dashboard.png``, ``budget.png``, ``override.png`` and, at a phone's 390 px,
+``dashboard-phone.png``, ``budget-phone.png``, ``logs-phone.png``, ``keys-phone.png`` and
+``invoices-phone.png`` (default ``docs/screenshots``). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ BUDGETS = {  # tight enough that the pictures show every colour: ok, warning, at
     "campaigns": {"spring-sale": {"monthly_usd": "0.86"},
                   "onboarding-emails": {"monthly_usd": "1.5"}},
 }
+PHONE_PAGES = (("dashboard", "/admin"), ("budget", "/admin/budget"), ("logs", "/admin/logs"),
+               ("keys", "/admin/keys"), ("invoices", "/admin/invoices"))
 TRAFFIC = [  # (key, agent header, campaign, model, weight)
     ("acme-content", None, "spring-sale", "gpt-5", 3),
     ("acme-content", None, "onboarding-emails", "gpt-4.1", 3),
@@ -89,12 +92,14 @@ def main(out: Path) -> None:
                 phone = browser.new_page(viewport={"width": 390, "height": 844},
                                          device_scale_factor=2, is_mobile=True)
                 phone.context.add_cookies(page.context.cookies())
-                phone.goto(f"{stack.url}/admin")
-                phone.screenshot(path=str(out / "dashboard-phone.png"), full_page=False)
+                for name, path in PHONE_PAGES:
+                    phone.goto(f"{stack.url}{path}")
+                    phone.screenshot(path=str(out / f"{name}-phone.png"),
+                                     full_page=name != "dashboard")
                 browser.close()
         finally:
             stack.close()
-    for name in ("dashboard", "budget", "override", "dashboard-phone"):
+    for name in ("dashboard", "budget", "override", *(f"{n}-phone" for n, _ in PHONE_PAGES)):
         print(out / f"{name}.png")
 
 
