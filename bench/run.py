@@ -123,7 +123,7 @@ def start_bare(upstream: Server, cpu: int | None, workdir: Path) -> Server:
                           upstream.url], "/_fake/config", port, cpu, workdir)
 
 
-def costwall_config(directory: Path, upstream: Server, port: int) -> Path:
+def costwall_config(directory: Path, upstream: Server, port: int, source: Path = ROOT) -> Path:
     """A config with budgets on every scope a request touches, a SQLite ledger and one key."""
     import yaml
 
@@ -135,7 +135,8 @@ def costwall_config(directory: Path, upstream: Server, port: int) -> Path:
         "database": f"sqlite:///{directory / 'costwall.db'}",
         "logs_dir": str(directory / "logs"),
         "reports_dir": str(directory / "reports"),
-        "pricing": str(ROOT / "config" / "pricing.yaml"),
+        # The checkout's own table: an older version may not read a newer table's fields.
+        "pricing": str(source / "config" / "pricing.yaml"),
         "budgets": {"timezone": "UTC", "warn_at": ["0.8"], "near_cap": "reject",
                     "global": budget, "tenants": {"bench": budget},
                     "agents": {"bench-agent": budget}},
@@ -153,7 +154,7 @@ def start_costwall(upstream: Server, cpu: int | None, workdir: Path, tag: str = 
     port = free_port()
     directory = workdir / f"costwall{tag}"
     directory.mkdir()
-    config = costwall_config(directory, upstream, port)
+    config = costwall_config(directory, upstream, port, source)
     return start(f"costwall{tag}", [PY, "-m", "gateway.cli", "serve", "--config", str(config)],
                  "/healthz", port, cpu, workdir, env={"COSTWALL_BENCH_KEY": UPSTREAM_KEY},
                  source=source)
