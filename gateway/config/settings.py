@@ -50,7 +50,7 @@ FLAT: dict[str, tuple[str, str]] = {
 }
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@dataclass(frozen=True, init=False)
 class Settings:
     """Everything costwall reads at start. Built by ``load_settings``; never mutated."""
 
