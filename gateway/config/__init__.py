@@ -14,16 +14,17 @@ resolved against the config file's directory, so the current directory never mat
 given in environment variables are used as given (relative to the current directory, like any
 path typed in a shell). Without ``pricing`` the price table shipped inside the package is used.
 
-Modules: ``fields`` (how a setting is declared and read), ``sections``, ``budgets`` and
-``keys`` (the sections), ``settings`` (``Settings`` and its flat compatibility names),
-``load`` (finding and reading the file).
+Modules: ``fields`` (how a setting is declared and read), ``kinds`` (value checks),
+``sections``, ``budgets`` and ``keys`` (the sections), ``settings`` (``Settings`` and its flat
+compatibility names), ``load`` (finding and reading the file).
 """
 
 from __future__ import annotations
 
 from gateway.config.budgets import SCOPES, BudgetSettings
-from gateway.config.fields import NOT_YET, ConfigError, resolve_database, resolve_path
+from gateway.config.fields import NOT_YET, ConfigError
 from gateway.config.keys import EXAMPLE_KEY_SHA256, VirtualKey, hash_key
+from gateway.config.kinds import resolve_database, resolve_path
 from gateway.config.load import (
     CONFIG_CANDIDATES,
     DEFAULT_CONFIG,

@@ -13,17 +13,8 @@ from decimal import Decimal
 from typing import Any, ClassVar, Self
 from zoneinfo import ZoneInfo
 
-from gateway.config.fields import (
-    NOT_YET,
-    Choice,
-    Context,
-    Fractions,
-    Int,
-    Section,
-    TimeZone,
-    reject_unknown,
-    setting,
-)
+from gateway.config.fields import NOT_YET, Context, Section, reject_unknown, setting
+from gateway.config.kinds import Choice, Fractions, Int, TimeZone
 from gateway.money import MoneyError, to_pico
 
 SCOPES = ("global", "tenant", "agent", "campaign", "key")

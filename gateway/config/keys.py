@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config.budgets import ID_HINT, ID_RE
-from gateway.config.fields import Context, as_bool, reject_unknown
+from gateway.config.fields import Context, reject_unknown
+from gateway.config.kinds import as_bool
 
 # SHA-256 of "sk-cw-example-content-agent", the example key of the shipped config files: a
 # warning (not an error, so the shipped config checks clean) while it is still in use.

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from gateway.config.fields import (
+from gateway.config.fields import Context, Section, setting
+from gateway.config.kinds import (
     AutoBool,
     Bool,
     Choice,
-    Context,
     DatabaseUrl,
     EnvName,
     FsPath,
@@ -22,9 +22,7 @@ from gateway.config.fields import (
     Int,
     Networks,
     Seconds,
-    Section,
     Text,
-    setting,
 )
 
 # The price table shipped inside the package (a copy of config/pricing.yaml, kept identical
