@@ -161,7 +161,8 @@ class Context:
         own = self.mapping(section) if own is None else own
         values: dict[str, Any] = {}
         for where, f, spec in section.declared():
-            value, base = (self.raw if spec.root else own).get(f.name, MISSING), self.base
+            value = (self.raw if spec.root else own).get(f.name, MISSING)
+            base: Path | None = self.base  # None: an environment value, used as given
             from_env = self.env.get(spec.env) if spec.env else None
             if from_env is not None and (from_env or not spec.kind.env_blank_ignored):
                 value, base = from_env, None

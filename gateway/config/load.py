@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
-from gateway.config import budgets, keys
+from gateway.config.budgets import ENTRY_KEYS as BUDGET_ENTRY_KEYS
 from gateway.config.fields import NOT_YET, ConfigError, Context, reject_unknown
+from gateway.config.keys import ENTRY_KEYS as KEY_ENTRY_KEYS
+from gateway.config.keys import parse_keys
 from gateway.config.settings import SECTIONS, Settings
 
 DEFAULT_CONFIG = Path("config/costwall.yaml")
@@ -30,8 +32,8 @@ def _section_keys() -> dict[str, frozenset[str]]:
             if spec.root or not cls.KEY}
     table = {"": frozenset(top)}
     table |= {cls.KEY: cls.known_keys() for cls in SECTIONS.values() if cls.KEY}
-    table["budget_entry"] = frozenset(budgets.ENTRY_KEYS)
-    table["key"] = frozenset(keys.ENTRY_KEYS)
+    table["budget_entry"] = frozenset(BUDGET_ENTRY_KEYS)
+    table["key"] = frozenset(KEY_ENTRY_KEYS)
     return table
 
 
@@ -81,7 +83,7 @@ def load_settings(
     ctx = Context(raw, env, path.absolute().parent)  # relative paths in the file follow it
     unknown_keys(raw, "", "", ctx.problems)
     sections = {name: cls.parse(ctx) for name, cls in SECTIONS.items()}
-    settings = Settings(**sections, keys=keys.parse_keys(ctx))
+    settings = Settings(**sections, keys=parse_keys(ctx))
     if ctx.problems:
         raise ConfigError(ctx.problems, pricing_path=settings.general.pricing)
     return settings, ctx.warnings

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.budgets import BudgetSettings
+from gateway.config.fields import Section
 from gateway.config.keys import VirtualKey
 from gateway.config.sections import (
     AdminSettings,
@@ -69,7 +70,7 @@ class Settings:
     def __init__(self, **values: Any) -> None:
         """Sections by name, plus any flat name of ``FLAT`` (applied on top of them)."""
         flat = {name: values.pop(name) for name in list(values) if name in FLAT}
-        for f in self.__dataclass_fields__.values():  # type: ignore[attr-defined]
+        for f in self.__dataclass_fields__.values():
             if f.name in values:
                 value = values.pop(f.name)
             else:
@@ -199,10 +200,10 @@ class Settings:
 
 
 # Settings attribute -> section class: what ``load_settings`` parses (``keys`` is a list).
-SECTIONS = {
+SECTIONS: dict[str, type[Section]] = {
     "server": ServerSettings, "upstream": UpstreamSettings, "ledger": LedgerSettings,
     "general": GeneralSettings, "admin": AdminSettings, "budgets": BudgetSettings,
     "limits": LimitsSettings, "logging": LoggingSettings, "invoices": InvoiceSettings,
     "override": OverrideSettings,
 }
-assert {*SECTIONS, "keys"} == set(Settings.__dataclass_fields__)  # type: ignore[attr-defined]
+assert {*SECTIONS, "keys"} == set(Settings.__dataclass_fields__)
