@@ -29,7 +29,7 @@ from multidict import MultiDictProxy
 
 from admin.errors import AdminClosed, BadInput, NotAuthenticated, RateLimited, ReadOnly, TooLarge
 from admin.sessions import Session, SessionSigner, is_revoked, shared_secret
-from gateway.config import Settings
+from gateway.config import AdminSettings, Settings
 from gateway.ledger import Ledger
 from gateway.services import GATEWAY
 
@@ -43,8 +43,8 @@ MAX_FORM_BYTES = 64 * 1024
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PERMISSIONS = {"read": frozenset({"admin", "finance"}), "write": frozenset({"admin"})}
 CLOSED_MESSAGE = ("The admin UI and API are closed: no admin token is configured. Set the "
-                  "environment variable named by admin.token_env (default COSTWALL_ADMIN_TOKEN) "
-                  "and restart.")
+                  "environment variable named by admin.token_env (default "
+                  f"{AdminSettings.default('token_env')}) and restart.")
 
 
 class FailureLimiter:
@@ -106,10 +106,10 @@ class AdminAuth:
     """The tokens, the session signer and the failure limiter of one app."""
 
     def __init__(self, settings: Settings):
+        admin = settings.admin
         self._tokens = [(role, tok.encode()) for role, tok in
-                        (("admin", settings.admin_token), ("finance", settings.finance_token))
-                        if tok]
-        self.closed = settings.admin_token is None
+                        (("admin", admin.token), ("finance", admin.finance_token)) if tok]
+        self.closed = admin.token is None
         self.limiter = FailureLimiter()
         self.signer: SessionSigner | None = None  # set on first use: the secret is in the DB
         self._signer_lock = asyncio.Lock()
@@ -174,13 +174,13 @@ def secure_cookies(request: web.Request) -> bool:
     ``admin.trusted_proxies`` that says so with ``X-Forwarded-Proto: https`` (from anyone
     else that header is ignored: a client could send it).
     """
-    settings = request.app[GATEWAY].settings
-    if settings.admin_secure_cookies is not None:
-        return settings.admin_secure_cookies
+    admin = request.app[GATEWAY].settings.admin
+    if admin.secure_cookies is not None:
+        return admin.secure_cookies
     if request.secure:
         return True
     proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    return proto == "https" and _from_trusted_proxy(request, settings.admin_trusted_proxies)
+    return proto == "https" and _from_trusted_proxy(request, admin.trusted_proxies)
 
 
 def _from_trusted_proxy(request: web.Request, proxies: tuple[str, ...]) -> bool:

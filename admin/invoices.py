@@ -359,7 +359,7 @@ async def build_invoice(gw: InvoiceSource, period: str, tenant: str | None) -> I
         who = f" for tenant '{display_label(tenant, '')}'" if tenant else ""
         raise NoActivity(f"No activity in {period}{who}: the ledger has no requests, so there "
                          "is no invoice.")
-    return make_invoice(entries, period, tenant, settings.invoice_company,
+    return make_invoice(entries, period, tenant, settings.invoices.company,
                         settings.budgets.tz, now)
 
 
@@ -478,7 +478,7 @@ async def invoice_command(settings: Settings, month: str | None, tenant: str | N
         return _fail(str(exc), 2)
     if tenant is not None and not tenant.strip():
         return _fail("--tenant must not be empty", 2)
-    directory = out if out is not None else settings.reports_dir / "invoices"
+    directory = out if out is not None else settings.general.reports_dir / "invoices"
     pdf_path, csv_path = invoice_files(directory, period, tenant)
     ledger = open_ledger(settings.database, synchronous=settings.db_synchronous, pool_size=2)
     try:
@@ -490,7 +490,7 @@ async def invoice_command(settings: Settings, month: str | None, tenant: str | N
     except NoActivity as exc:
         return _fail(str(exc), 1)
     except Exception as exc:  # a database that is down or unreadable: say so, no traceback
-        return _fail(f"cannot read the ledger ({settings.database.split('://')[0]}): "
+        return _fail(f"cannot read the ledger ({settings.ledger.database.split('://')[0]}): "
                      f"{type(exc).__name__}: {exc}", 1)
     try:
         await asyncio.to_thread(write_invoice, invoice, pdf_path, csv_path)

@@ -121,7 +121,7 @@ async def save_invoice(request: web.Request) -> web.Response:
     tenant = validate.tenant(tenant if isinstance(tenant, str) else None)
     inv = _renderer()
     invoice = await _build(request, month, tenant)
-    pdf, csv = inv.invoice_paths(gw.settings.reports_dir, month, tenant)
+    pdf, csv = inv.invoice_paths(gw.settings.general.reports_dir, month, tenant)
     try:
         await asyncio.to_thread(inv.write_invoice, invoice, pdf, csv)
     except inv.InvoiceRenderError as exc:
@@ -129,7 +129,7 @@ async def save_invoice(request: web.Request) -> web.Response:
     except OSError as exc:
         raise RenderFailed(f"Cannot write the invoice files: {exc.strerror}") from None
     flash(request, f"Saved {pdf.name} and {csv.name} (total ${format_usd(invoice.total_exact)})"
-                   f" in {gw.settings.reports_dir / 'invoices'}.")
+                   f" in {gw.settings.general.reports_dir / 'invoices'}.")
     raise web.HTTPSeeOther("/admin/invoices")
 
 

@@ -80,7 +80,7 @@ def render(request: web.Request, template: str, context: Mapping[str, Any] | Non
     base: dict[str, Any] = {
         "principal": who, "csrf": who.csrf if who else "", "override": gw.overrides.state,
         "nav": NAV if who else (), "active": active, "messages": messages, "error": None,
-        "company": gw.settings.invoice_company,
+        "company": gw.settings.invoices.company,
     }
     base.update(context or {})
     response = aiohttp_jinja2.render_template(template, request, base, app_key=JINJA,

@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from gateway.config import PACKAGED_PRICING, ConfigError, Settings, load_settings
+from gateway.config import (
+    PACKAGED_PRICING,
+    ConfigError,
+    LedgerSettings,
+    ServerSettings,
+    Settings,
+    load_settings,
+)
 
 
 def _load(path: str | None) -> tuple[Settings, list[str]]:
@@ -50,7 +57,8 @@ def _die(exc: BaseException, settings: Settings) -> NoReturn:
 def setup_logging(settings: Settings) -> None:
     from gateway.logs import configure
 
-    configure(settings.log_format, settings.log_level, access=settings.access_log)
+    log = settings.logging
+    configure(log.format, log.level, access=log.access)
 
 
 def _install_uvloop() -> None:
@@ -71,28 +79,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings, warnings = _load(args.config)
     if args.host:
-        settings = replace(settings, host=args.host)
+        settings = replace(settings, server=replace(settings.server, host=args.host))
     if args.port is not None:
-        settings = replace(settings, port=args.port)
+        settings = replace(settings, server=replace(settings.server, port=args.port))
+    server = settings.server
     setup_logging(settings)
     try:  # everything that can fail before a file or connection is opened
         startup.require_upstream_key(settings)
-        startup.require_database_driver(settings.database)
+        startup.require_database_driver(settings.ledger.database)
         prices = startup.load_prices(settings)
-        startup.require_free_port(settings.host, settings.port)
+        startup.require_free_port(server.host, server.port)
     except startup.StartupError as exc:
         return _fail(str(exc))
     for warning in warnings:
         logging.getLogger("costwall").warning("%s", warning)
     _install_uvloop()
-    banner = (f"costwall listening on http://{settings.host}:{settings.port} "
-              f"(upstream {settings.upstream_url}, database {settings.database.split('://')[0]})")
+    banner = (f"costwall listening on http://{server.host}:{server.port} (upstream "
+              f"{settings.upstream.base_url}, database {settings.ledger.database.split('://')[0]})")
     try:
         app = create_app(settings, prices=prices)
         # The banner is printed once the port is bound (run_app's print hook), not before.
-        web.run_app(app, host=settings.host, port=settings.port, access_log=None,
+        web.run_app(app, host=server.host, port=server.port, access_log=None,
                     print=lambda *_: print(banner, flush=True),
-                    shutdown_timeout=settings.shutdown_grace_s, handler_cancellation=False)
+                    shutdown_timeout=settings.limits.shutdown_grace_s,
+                    handler_cancellation=False)
     except Exception as exc:  # the database, recovery, a port taken meanwhile: one line
         _die(exc, settings)
     return 0
@@ -117,12 +127,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         problems.extend(exc.problems)
         error = exc
-    pricing_path = settings.pricing_path if settings else _configured_pricing(error)
+    pricing_path = settings.general.pricing if settings else _configured_pricing(error)
     prices, price_problems = load_price_table(pricing_path)
     problems.extend(price_problems)
-    if settings is not None and settings.unknown_model != "reject" and \
-            prices.lookup(settings.unknown_model) is None:
-        problems.append(f"unknown_model: {settings.unknown_model!r} is not in the price table")
+    unknown_model = settings.general.unknown_model if settings else "reject"
+    if unknown_model != "reject" and prices.lookup(unknown_model) is None:
+        problems.append(f"unknown_model: {unknown_model!r} is not in the price table")
     for enc_name in sorted({p.encoding for p in prices}):
         try:
             encoding(enc_name)
@@ -148,14 +158,14 @@ def _check_audit(settings: Settings | None) -> list[str]:
 
     if settings is None:
         return ["audit trail: not checked (the configuration has problems)"]
-    state = read_state(settings.database)
+    state = read_state(settings.ledger.database)
     problems = []
     if state.problem:
         problems.append(f"audit trail: {state.problem}")
     if state.key is None:
         problems.append("audit trail: no audit key (set COSTWALL_AUDIT_KEY, or keep audit.key "
                         "beside the SQLite database); MACs not checked")
-    report = verify_chain(settings.logs_dir / "budget" / "events.jsonl", state.key,
+    report = verify_chain(settings.general.logs_dir / "budget" / "events.jsonl", state.key,
                           state.anchor)
     problems += [f"audit trail: {p}" for p in report.problems]
     if not problems:
@@ -186,8 +196,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C while starting: everything is closed already
         return 130
     except Exception as exc:
-        _fail(describe(exc, Settings(port=args.port,
-                                     database=f"sqlite:///{directory / 'costwall.db'}")))
+        _fail(describe(exc, Settings(
+            server=ServerSettings(port=args.port),
+            ledger=LedgerSettings(database=f"sqlite:///{directory / 'costwall.db'}"))))
         sys.stdout.flush()
         os._exit(1)
     return 0
@@ -221,7 +232,7 @@ def cmd_invoice(args: argparse.Namespace) -> int:
 
     settings, _ = _load(args.config)
     try:
-        require_database_driver(settings.database)
+        require_database_driver(settings.ledger.database)
         return asyncio.run(invoice_command(settings, args.month, args.tenant,
                                            Path(args.out) if args.out else None))
     except StartupError as exc:

@@ -69,8 +69,8 @@ async def drain(app: web.Application) -> None:
     app[OPS].draining = True
     gw = app[GATEWAY]
     log.info("shutting down: %d proxied requests in flight, grace period %.0f s",
-             gw.inflight, gw.settings.shutdown_grace_s,
-             extra={"inflight": gw.inflight, "grace_s": gw.settings.shutdown_grace_s})
+             gw.inflight, gw.settings.limits.shutdown_grace_s,
+             extra={"inflight": gw.inflight, "grace_s": gw.settings.limits.shutdown_grace_s})
 
 
 def setup_ops(app: web.Application) -> None:

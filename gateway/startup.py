@@ -23,10 +23,11 @@ class StartupError(Exception):
 
 def load_prices(settings: Settings) -> PriceTable:
     """The configured price table, or one line naming the file and its first problem."""
-    if not settings.pricing_path.is_file():
-        raise StartupError(f"price table {settings.pricing_path} not found (leave `pricing` "
+    path = settings.general.pricing
+    if not path.is_file():
+        raise StartupError(f"price table {path} not found (leave `pricing` "
                            "unset to use the table shipped with costwall)")
-    prices, problems = load_price_table(settings.pricing_path)
+    prices, problems = load_price_table(path)
     if problems:
         more = f" (and {len(problems) - 1} more; run `costwall check`)" if len(problems) > 1 \
             else ""
@@ -51,13 +52,14 @@ def require_upstream_key(settings: Settings) -> None:
     would come back 401 and agents would blame their virtual keys. A keyless upstream is
     declared with ``api_key_env: ""``; one on this machine (a local model server, the
     simulator) is let through."""
-    if settings.upstream_key or not settings.upstream_key_env:
+    upstream = settings.upstream
+    if upstream.api_key or not upstream.api_key_env:
         return
-    if is_loopback_url(settings.upstream_url):
+    if is_loopback_url(upstream.base_url):
         return
     raise StartupError(
-        f"environment variable {settings.upstream_key_env} (the gateway's key for "
-        f"{settings.upstream_url}) is not set; set it, or declare a keyless upstream with "
+        f"environment variable {upstream.api_key_env} (the gateway's key for "
+        f"{upstream.base_url}) is not set; set it, or declare a keyless upstream with "
         "upstream.api_key_env: \"\"")
 
 
@@ -104,7 +106,7 @@ def describe(exc: BaseException, settings: Settings) -> str:
     module = type(exc).__module__ or ""
     if isinstance(exc, sqlite3.Error) or module.startswith(("asyncpg", "aiosqlite")) or \
             isinstance(exc, (ConnectionError, TimeoutError)):
-        return f"database {safe_url(settings.database)} cannot be used: {text}"
+        return f"database {safe_url(settings.ledger.database)} cannot be used: {text}"
     if isinstance(exc, OSError) and exc.errno is not None and "address" in text.lower():
-        return listen_error(settings.host, settings.port, exc)
+        return listen_error(settings.server.host, settings.server.port, exc)
     return f"could not start: {type(exc).__name__}: {text}"

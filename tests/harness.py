@@ -105,7 +105,7 @@ def write_config(directory: Path, upstream_url: str, **overrides: Any) -> Path:
         "logs_dir": str(directory / "logs"),
         "reports_dir": str(directory / "reports"),
         "pricing": str(ROOT / "config" / "pricing.yaml"),
-        "budgets": {"timezone": "UTC", "warn_at": ["0.8"], "near_cap": "reject"},
+        "budgets": {},  # the declared defaults (gateway/config/budgets.py)
         "keys": [{"name": name, **spec} for name, spec in KEYS.items()],
     }
     for key, value in overrides.items():

@@ -595,9 +595,9 @@ def test_every_state_changing_form_needs_its_csrf_token(tmp_path: Path) -> None:
 
 def test_no_path_leaves_static_or_invoice_folders(stack: Stack) -> None:
     admin = bearer(ADMIN_TOKEN)
-    for path in (b"/admin/static/../../gateway/config.py",
-                 b"/admin/static/%2e%2e%2f%2e%2e%2fgateway%2fconfig.py",
-                 b"/admin/static/..%2f..%2fgateway%2fconfig.py",
+    for path in (b"/admin/static/../../gateway/config/__init__.py",
+                 b"/admin/static/%2e%2e%2f%2e%2e%2fgateway%2fconfig%2f__init__.py",
+                 b"/admin/static/..%2f..%2fgateway%2fconfig%2f__init__.py",
                  b"/admin/static/%2e%2e/__init__.py", b"/admin/static/..%5c__init__.py",
                  b"/admin/static/%252e%252e%252f__init__.py", b"/admin/static//etc/passwd",
                  b"/admin/static/%2fetc%2fpasswd", b"/admin/static/../templates/base.html",
