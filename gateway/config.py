@@ -81,14 +81,14 @@ SECTION_KEYS: dict[str, frozenset[str]] = {
                       "can_override"}),
     "limits": frozenset({"max_body_bytes", "shutdown_grace_s", "header_timeout_s"}),
     "logging": frozenset({"format", "level", "access"}),
-    "invoices": frozenset({"company"}),
+    "invoices": frozenset({"company", "auto"}),
     "override": frozenset({"allow"}),
 }
 NOT_YET: dict[str, frozenset[str]] = {
     "": frozenset({"rate_limits", "alerts", "upstreams"}),
     "budgets": frozenset({"users", "users_default"}),
     "budget_entry": frozenset({"weekly_usd", "daily_usd", "hourly_usd"}),
-    "invoices": frozenset({"auto", "email_to"}),
+    "invoices": frozenset({"email_to"}),
 }
 
 
@@ -239,6 +239,7 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = True  # one line per proxied request (logging.access)
     invoice_company: str = "costwall"
+    invoices_auto: bool = False  # issue last month's invoices once the month has closed
     shutdown_grace_s: float = 30.0
     # A connection must send a complete request head within this long of opening (or of its
     # previous response), else it is closed: slowloris clients cannot pin connections.
@@ -597,6 +598,7 @@ def _settings(raw: Mapping[str, Any], base: Path, pricing_path: Path, env: Mappi
         admin_secure_cookies=secure_cookies, admin_trusted_proxies=trusted_proxies,
         override_allow=override_allow, keys=keys, log_format=log_format, log_level=log_level,
         access_log=access_log, invoice_company=str(invoices.get("company", "costwall")),
+        invoices_auto=_bool(invoices.get("auto", False), "invoices.auto", problems),
         shutdown_grace_s=grace, header_timeout_s=header_timeout,
     )
     if problems:
