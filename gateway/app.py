@@ -22,6 +22,7 @@ from gateway.audit import AuditTrail
 from gateway.budget import BudgetEngine
 from gateway.config import Settings
 from gateway.errors import GatewayError, NotFound
+from gateway.forecast_service import setup_forecast
 from gateway.keys import KeyRing
 from gateway.ledger import open_ledger
 from gateway.logs import REQUEST_ID
@@ -165,6 +166,7 @@ def create_app(settings: Settings, **parts: object) -> web.Application:
                           handler_args={"keepalive_timeout": settings.header_timeout_s})
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources(gw))
+    app.cleanup_ctx.append(setup_forecast(gw))
     setup_routes(app)
     setup_ops(app)
     try:

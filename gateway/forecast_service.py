@@ -15,6 +15,7 @@ alerts outbox; until that exists a first crossing per scope and month is logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -197,3 +198,40 @@ class ForecastCollector(Collector):
         for f in hit[1] if hit else []:
             gauge.add_metric([f.scope, f.id], float(to_usd(f.projection.projected)))
         yield gauge
+
+
+FORECASTS = "forecast.service"  # key in ``Gateway.extras``
+
+
+def forecasts(gw: Any) -> ForecastService:
+    """The gateway's forecast service (created by ``setup_forecast``)."""
+    return gw.extras[FORECASTS]  # type: ignore[no-any-return]
+
+
+def setup_forecast(gw: Any) -> Callable[[Any], Any]:
+    """Create the service, export its gauge, and return the ``cleanup_ctx`` that refreshes
+    it at start and every ``TTL_S`` seconds (so a scrape only reads the cache)."""
+    service = ForecastService(
+        gw.ledger, lambda: {k: v for k, v in gw.budgets.limits.items() if v is not None},
+        gw.clock, gw.budgets.current_period)
+    gw.extras[FORECASTS] = service
+    gw.metrics.registry.register(service.collector())
+
+    async def refresh(_app: Any) -> Any:
+        async def loop() -> None:
+            while True:
+                try:
+                    await service.month()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the database is down: the gauge keeps its value
+                    log.warning("forecast refresh failed: %s", type(exc).__name__)
+                await asyncio.sleep(service.ttl)
+
+        task = asyncio.create_task(loop(), name="costwall-forecast")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return refresh
