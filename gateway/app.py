@@ -143,7 +143,8 @@ def build_gateway(
     metrics = Metrics(registry)
     metrics.watch_budgets(BudgetView(budgets))
     gw = Gateway(settings, prices, ledger, budgets, KeyRing(settings.keys),
-                 AuditTrail(settings.logs_dir, clock, ledger), metrics, clock)
+                 AuditTrail(settings.logs_dir, clock, ledger, tz=settings.budgets.tz), metrics,
+                 clock)
     if _shared(settings):
         budgets.on_crossings = gw.record_crossings  # type: ignore[attr-defined]
     return gw
