@@ -50,6 +50,7 @@ class Projection:
     method: str
     exhausts_day: int | None = None
     exhausts_fraction: Fraction = Fraction(0)
+    curve: tuple[tuple[int, int], ...] = ()  # (day, projected spend still to come that day)
 
 
 def _weekday_factors(daily: list[Fraction], first_weekday: int) -> list[Fraction]:
@@ -125,7 +126,9 @@ def project(spent: int, limit: int | None, daily: Mapping[int, int], days_in_mon
                     exhausts_fraction = start + (1 - start) * left / amount
                     break
                 left -= amount
-    return Projection(spent, projected, int(rate), method, exhausts_day, exhausts_fraction)
+    curve = tuple((day, int(amount)) for day, amount, _ in steps)
+    return Projection(spent, projected, int(rate), method, exhausts_day, exhausts_fraction,
+                      curve)
 
 
 @dataclass(frozen=True, slots=True)

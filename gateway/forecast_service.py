@@ -90,7 +90,9 @@ class ForecastService:
             if hit is not None and time.monotonic() - hit[0] < self.ttl:
                 return hit[1]
             result = await self._compute(period)
-            self._cache = {period: (time.monotonic(), result)}
+            current = self._current()  # keep this month's (the gauge reads it) and this one
+            self._cache = {k: v for k, v in self._cache.items() if k == current}
+            self._cache[period] = (time.monotonic(), result)
         if period == self._current():
             self._note_crossings(result)
         return result
