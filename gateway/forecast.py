@@ -93,7 +93,8 @@ def project(spent: int, limit: int | None, daily: Mapping[int, int], days_in_mon
     capped = _cap_spikes(complete, spike_cap) if spike_cap else list(map(Fraction, complete))
     factors = (_weekday_factors(capped, first_weekday) if weekday
                else [Fraction(1)] * 7)
-    method = METHOD if weekday else "blend7"
+    by_weekday = weekday and len(complete) >= WEEKDAY_MIN_DAYS and any(complete)
+    method = METHOD if by_weekday else "blend7"
 
     def factor(day: int) -> Fraction:
         return factors[(first_weekday + day - 1) % 7]

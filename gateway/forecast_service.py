@@ -78,7 +78,8 @@ class ForecastService:
                  ttl: float = TTL_S):
         self.ledger, self._limits, self.clock, self._current = ledger, limits, clock, current
         self.ttl = ttl
-        self._cache: dict[str, tuple[float, list[ScopeForecast]]] = {}
+        # period -> (monotonic time, the limits it was computed for, forecasts)
+        self._cache: dict[str, tuple[float, dict[ScopeKey, int], list[ScopeForecast]]] = {}
         self._lock = asyncio.Lock()
         self._fired: dict[ScopeKey, tuple[str, int, bool]] = {}  # period, arm, above
 
@@ -86,13 +87,14 @@ class ForecastService:
         """Forecasts of ``period`` (default: this month), at most ``ttl`` seconds old."""
         period = period or self._current()
         async with self._lock:
+            limits = self._limits()
             hit = self._cache.get(period)
-            if hit is not None and time.monotonic() - hit[0] < self.ttl:
-                return hit[1]
-            result = await self._compute(period)
+            if hit is not None and time.monotonic() - hit[0] < self.ttl and hit[1] == limits:
+                return hit[2]  # a cap changed: computed again at once
+            result = await self._compute(period, limits)
             current = self._current()  # keep this month's (the gauge reads it) and this one
             self._cache = {k: v for k, v in self._cache.items() if k == current}
-            self._cache[period] = (time.monotonic(), result)
+            self._cache[period] = (time.monotonic(), limits, result)
         if period == self._current():
             self._note_crossings(result)
         return result
@@ -102,8 +104,8 @@ class ForecastService:
         rows = await self.ledger.usage(period, "day")
         return daily_from_rows(period, {r.group: r.cost for r in rows})
 
-    async def _compute(self, period: str) -> list[ScopeForecast]:
-        limits = {k: v for k, v in self._limits().items() if v is not None}
+    async def _compute(self, period: str, limits: dict[ScopeKey, int]
+                       ) -> list[ScopeForecast]:
         if not limits:
             return []
         clock = MonthClock.of(period, self.clock())
@@ -197,7 +199,7 @@ class ForecastCollector(Collector):
                                   labels=["scope", "id"])
         current = self.service._current()
         hit = self.service._cache.get(current)
-        for f in hit[1] if hit else []:
+        for f in hit[2] if hit else []:
             gauge.add_metric([f.scope, f.id], float(to_usd(f.projection.projected)))
         yield gauge
 
