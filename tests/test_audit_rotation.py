@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from gateway.cli import main as costwall
+from tests import pg
 from tests.harness import ADMIN_TOKEN, Stack
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -143,3 +144,26 @@ def test_an_archive_deleted_with_the_anchor_rewound_still_breaks_the_chain(
     (budget / "archive" / "2026-09").mkdir()
     code, out = check(config, capsys)
     assert code == 1 and "events.jsonl line 1: prev is not the MAC" in out
+
+
+def test_rotation_with_postgresql(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same rollover with the trail anchored in PostgreSQL."""
+    pg.require()
+    with pg.temp_database() as url:
+        clock = Clock(datetime(2026, 10, 31, 23, 59, tzinfo=UTC))
+        stack = Stack(tmp_path, clock=clock, database=url,
+                      budgets={"global": {"monthly_usd": "0"}})
+        try:
+            blocked(stack, 2)
+            stack.flush()
+            clock.now = datetime(2026, 11, 1, 0, 1, tzinfo=UTC)
+            blocked(stack, 1)
+            stack.flush()
+        finally:
+            stack.close()
+        budget = tmp_path / "logs" / "budget"
+        assert len((budget / "archive" / "2026-10" / "events.jsonl").read_bytes()
+                   .splitlines()) == 2
+        assert len((budget / "events.jsonl").read_bytes().splitlines()) == 1
+        code, out = check(tmp_path / "costwall.yaml", capsys)
+        assert code == 0 and "3 events, chain intact" in out, out

@@ -19,6 +19,7 @@ import pypdf
 import pytest
 
 from admin.invoice_auto import WAKE
+from gateway.cli import main as costwall
 from tests import pg
 from tests.harness import ADMIN_TOKEN, FINANCE_TOKEN, Stack
 
@@ -123,10 +124,13 @@ def test_rollover_issues_once_across_two_gateways(pair: tuple[Stack, Stack, Cloc
     assert f"${found[0]['total_usd']}" in text or found[0]["total_usd"] in text
     cents = sum(int(i["total_usd"].replace(".", "")) for i in found[1:])
     assert cents == int(found[0]["total_usd"].replace(".", ""))  # tenants add up to all
-    # The history page shows them; saving an issued month leaves its files alone.
+    # The history page shows them; `costwall invoice` leaves the issued files alone.
     page = a.request("GET", "/admin/invoices", headers=ADMIN)
     assert page.status == 200 and b'id="history"' in page.body
     assert page.body.count(b'data-month="2026-10"') == 3
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in folder.iterdir()}
+    assert costwall(["invoice", "2026-10", "--config", str(a.dir / "costwall.yaml")]) == 0
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in folder.iterdir()} == before
 
 
 def test_issued_file_changed_on_disk_is_not_served(pair: tuple[Stack, Stack, Clock],
