@@ -2,11 +2,12 @@
 
 The method (``blend7-weekday``), chosen on the backtest in ``docs/forecast.md``:
 
-1. Complete days of the month so far give a daily series. With at least 14 of them (two of
-   every weekday) each weekday gets a factor: its mean over the overall mean, shrunk toward 1
-   (``n / (n + 2)``), so a weekday/weekend pattern is projected as one. Fewer days: factor 1.
-2. The series divided by those factors is winsorised at 3x its median (a one-day spike must
-   not be extrapolated over the rest of the month).
+1. Complete days of the month so far give a daily series. Isolated days above 3x its median
+   (at most one in seven) count as 3x the median: a one-day spike must not be extrapolated
+   over the rest of the month, while a level that stays up is a new pace.
+2. With at least 14 complete days (two of every weekday) each weekday gets a factor: its
+   mean over the overall mean, so a weekday/weekend pattern is projected as one (the series
+   is divided by the factors before averaging). Fewer days: factor 1.
 3. The daily rate blends the month-to-date mean of that series with the mean of its last 7
    days: ``rate = 0.3 * mtd + 0.7 * last7`` (recent pace dominates: a quiet start or a
    growing spend is followed; the month's mean steadies it). Before the first complete day
@@ -34,7 +35,7 @@ from statistics import median
 RECENT_DAYS = 7
 RECENT_WEIGHT = Fraction(7, 10)
 WEEKDAY_MIN_DAYS = 14
-SHRINK = 0  # pseudo-observations pulling each weekday factor toward 1 (backtest: none)
+SHRINK = 0  # pseudo-observations pulling weekday factors toward 1 (the backtest wants none)
 SPIKE_CAP = 3  # a day above this many times the median counts as this many times it
 METHOD = "blend7-weekday"
 
