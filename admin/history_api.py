@@ -13,7 +13,7 @@ from admin.api import reply
 from admin.auth import requires
 from admin.errors import BadInput
 from admin.invoice_auto import history
-from gateway.forecast_service import forecasts
+from gateway.forecast_service import VIEW_MAX_AGE_S, forecasts
 from gateway.services import GATEWAY
 
 
@@ -27,7 +27,7 @@ async def get_forecast(request: web.Request) -> web.Response:
     if month > current:
         raise BadInput(f"{month} has not begun yet: there is nothing to project.",
                        param="month")
-    found = await forecasts(gw).month(month)
+    found = await forecasts(gw).month(month, max_age=VIEW_MAX_AGE_S)
     return reply({"period": month, "scopes": [f.as_json() for f in found]})
 
 

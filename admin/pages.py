@@ -11,7 +11,7 @@ from admin.errors import BadInput
 from admin.render import render
 from gateway.budget import GLOBAL
 from gateway.forecast import MonthClock, daily_from_rows, project
-from gateway.forecast_service import forecasts
+from gateway.forecast_service import VIEW_MAX_AGE_S, forecasts
 from gateway.services import GATEWAY, Gateway
 
 TOP_N = 8
@@ -34,7 +34,8 @@ async def dashboard(request: web.Request) -> web.Response:
     reserved = pending.cost if pending else 0
     by_day = {r.group: r.cost for r in days}
     ahead = _projection(gw, period, by_day)
-    projected = {(f.scope, f.id): f for f in await forecasts(gw).month(period)}
+    found = await forecasts(gw).month(period, max_age=VIEW_MAX_AGE_S)
+    projected = {(f.scope, f.id): f for f in found}
     return render(request, "dashboard.html", {
         "period": period, "scopes": scopes, "overshoot": overshoot,
         "overshoot_column": any(v.overshoot[1] for v in scopes),

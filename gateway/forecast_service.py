@@ -35,6 +35,7 @@ from gateway.money import format_usd, to_usd
 log = logging.getLogger("costwall.forecast")
 ENTRY_SCAN_MAX = 200_000
 TTL_S = 60.0
+VIEW_MAX_AGE_S = 5.0  # the admin API and dashboard: a person looking wants it current
 REARM_MARGIN = 10  # percent below the limit the projection must fall to re-arm the event
 
 
@@ -83,13 +84,16 @@ class ForecastService:
         self._lock = asyncio.Lock()
         self._fired: dict[ScopeKey, tuple[str, int, bool]] = {}  # period, arm, above
 
-    async def month(self, period: str | None = None) -> list[ScopeForecast]:
-        """Forecasts of ``period`` (default: this month), at most ``ttl`` seconds old."""
+    async def month(self, period: str | None = None, max_age: float | None = None
+                    ) -> list[ScopeForecast]:
+        """Forecasts of ``period`` (default: this month), at most ``max_age`` seconds old
+        (default ``ttl``; the admin views ask for fresher ones than the gauge)."""
+        max_age = self.ttl if max_age is None else max_age
         period = period or self._current()
         async with self._lock:
             limits = self._limits()
             hit = self._cache.get(period)
-            if hit is not None and time.monotonic() - hit[0] < self.ttl and hit[1] == limits:
+            if hit is not None and time.monotonic() - hit[0] < max_age and hit[1] == limits:
                 return hit[2]  # a cap changed: computed again at once
             result = await self._compute(period, limits)
             current = self._current()  # keep this month's (the gauge reads it) and this one
