@@ -16,6 +16,7 @@ import openai
 import orjson
 import pytest
 
+from gateway.audit import AuditTampered, rotate_files
 from gateway.cli import main as costwall
 from tests import pg
 from tests.harness import ADMIN_TOKEN, Stack
@@ -167,3 +168,20 @@ def test_rotation_with_postgresql(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert len((budget / "events.jsonl").read_bytes().splitlines()) == 1
         code, out = check(tmp_path / "costwall.yaml", capsys)
         assert code == 0 and "3 events, chain intact" in out, out
+
+
+def test_a_rotation_cut_short_by_a_crash_finishes_and_never_overwrites(tmp_path: Path) -> None:
+    """``rotate_files`` again after a crash between two renames: the rest moves; a file on
+    both sides is refused rather than overwritten."""
+    for name in ("events.jsonl", "blocked-executions.md"):
+        (tmp_path / name).write_text(name)
+    target = tmp_path / "archive" / "2026-10"
+    target.mkdir(parents=True)
+    (tmp_path / "events.jsonl").rename(target / "events.jsonl")  # the crash: one file moved
+    rotate_files(tmp_path, "2026-10", ["events.jsonl", "blocked-executions.md"])
+    assert sorted(p.name for p in target.iterdir()) == ["blocked-executions.md", "events.jsonl"]
+    assert not (tmp_path / "blocked-executions.md").exists()
+    (tmp_path / "events.jsonl").write_text("new")
+    with pytest.raises(AuditTampered):
+        rotate_files(tmp_path, "2026-10", ["events.jsonl"])
+    assert (target / "events.jsonl").read_text() == "events.jsonl"
