@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.forecast import MonthClock, project
+from gateway.forecast_service import forecasts
 from tests.harness import ADMIN_TOKEN, FINANCE_TOKEN, Stack
 from tools import forecast_backtest as backtest
 
@@ -179,3 +180,24 @@ def test_gauge_and_dashboard_show_the_projection(month: tuple[Stack, Clock, int]
     assert 'data-label="Projected"' in page
     assert page.count('class="bar-projected"') >= 2 * 21  # both drawings, days 10..30
     assert "projected:" in page
+
+
+def test_a_month_too_large_to_scan_uses_the_global_shape(month: tuple[Stack, Clock, int]
+                                                        ) -> None:
+    stack, _, _ = month
+    service = forecasts(stack.gw)
+    scan_max = service.scan_max
+    service.scan_max = 10  # this month has 18 requests: past the bound
+    try:
+        stack.request("PUT", "/admin/api/budgets/key/acme-content", headers=ADMIN,
+                      json={"monthly_usd": "100"})  # a cap change: computed again
+        scopes = {(s["scope"], s["id"]): s for s in forecast(stack)["scopes"]}
+    finally:
+        service.scan_max = scan_max
+        stack.request("DELETE", "/admin/api/budgets/key/acme-content", headers=ADMIN)
+    assert scopes[("agent", "content")]["method"] == "blend7/global-shape"
+    assert scopes[("key", "acme-content")]["method"] == "blend7/global-shape"
+    assert scopes[("global", "global")]["method"] == "blend7"
+    # All of this month's traffic is acme-content's: the shape gives the same projection.
+    assert scopes[("agent", "content")]["projected_usd"] == \
+        scopes[("global", "global")]["projected_usd"]
