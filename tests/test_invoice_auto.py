@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pypdf
 import pytest
 
@@ -149,3 +150,28 @@ def test_issued_file_changed_on_disk_is_not_served(pair: tuple[Stack, Stack, Clo
     # The edited file is refused; the ledger renders the same bytes, which are served.
     assert served.status == 200 and served.body == original
     assert hashlib.sha256(served.body).hexdigest() == found[0]["sha256"]["csv"]
+
+
+def test_a_dead_issuers_claim_is_taken_over_once(pair: tuple[Stack, Stack, Clock],
+                                                 tmp_path: Path) -> None:
+    """A replica that claimed October and died (its claim never became a record): after the
+    lease, exactly one of the live replicas issues instead; before it, nobody does."""
+    a, b, clock = pair
+    a.client("acme-content").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    a.flush()
+    clock.now = datetime(2026, 11, 1, 0, 5, tzinfo=UTC)
+    stale = orjson.dumps({"state": "claimed", "by": "dead/0000", "at": "2026-11-01T00:00:00Z"})
+    assert a.lt.run(a.gw.ledger.add_setting("invoices.issued.2026-10", stale.decode())) == \
+        stale.decode()
+    wake(a)
+    wake(b)
+    time.sleep(1.0)  # within the lease: the claim holds
+    assert a.request("GET", "/admin/api/invoices", headers=ADMIN).json()["invoices"] == []
+    clock.now = datetime(2026, 11, 1, 0, 11, tzinfo=UTC)  # past the 10-minute lease
+    wake(a)
+    wake(b)
+    found = issued(b, count=2)
+    assert [i["tenant"] for i in found] == [None, "acme"]
+    assert found[0]["issued_at"] == "2026-11-01T00:11:00Z"
+    record = orjson.loads(a.lt.run(a.gw.ledger.get_setting("invoices.issued.2026-10")))
+    assert record["by"] != "dead/0000"
