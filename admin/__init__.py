@@ -19,6 +19,7 @@ def setup(app: web.Application) -> None:
     from admin.api import setup_api
     from admin.auth import AUTH, AdminAuth
     from admin.budget_page import setup_budget
+    from admin.history_api import setup_history_api
     from admin.keys_page import setup_keys
     from admin.login import setup_login
     from admin.middleware import admin_errors, security_headers
@@ -35,8 +36,11 @@ def setup(app: web.Application) -> None:
     setup_budget(app)
     setup_keys(app)
     setup_api(app)
+    setup_history_api(app)
     app.router.add_static("/admin/static", STATIC, name="admin_static")
     if importlib.util.find_spec("admin.invoices_web") is not None:
+        from admin.invoice_auto import automation
         from admin.invoices_web import setup_invoices
 
         setup_invoices(app)
+        app.cleanup_ctx.append(automation(app))

@@ -52,6 +52,8 @@ class DailyChart:
     grid: tuple[Tick, ...]
     total: int
     peak: int
+    ghosts: tuple[Bar, ...] = ()  # the projection: spend still to come, stacked on each day
+    projected_total: int = 0
 
 
 def nice_ceiling(pico: int) -> int:
@@ -67,7 +69,8 @@ def nice_ceiling(pico: int) -> int:
 
 
 def daily_chart(period: str, by_day: Mapping[str, int], width: int = 720,
-                height: int = 240, left: int = 72) -> DailyChart:
+                height: int = 240, left: int = 72,
+                projected: Mapping[int, int] | None = None) -> DailyChart:
     """Bars for every day of ``period`` (``YYYY-MM``) from spend keyed ``YYYY-MM-DD``.
 
     ``width``/``height`` are viewBox units. A phone shows a narrower chart (e.g. 360 wide)
@@ -75,7 +78,8 @@ def daily_chart(period: str, by_day: Mapping[str, int], width: int = 720,
 
     Days outside the month (the ledger groups by UTC day; a budget time zone other than UTC
     shifts a few hours across the edges) are added to the nearest day of the month, so the
-    bars always sum to the month's spend.
+    bars always sum to the month's spend. ``projected`` (day of month → spend still to come,
+    from ``gateway.forecast``) adds outlined bars stacked on the days it names.
     """
     year, month = int(period[:4]), int(period[5:7])
     ndays = calendar.monthrange(year, month)[1]
@@ -90,8 +94,12 @@ def daily_chart(period: str, by_day: Mapping[str, int], width: int = 720,
         costs[index] += int(cost)
     top, right, bottom = 12, width - 8, height - 26
     plot_w, plot_h = right - left, bottom - top
+    ahead = [0] * ndays
+    for day, cost in (projected or {}).items():
+        if 1 <= day <= ndays:
+            ahead[day - 1] += int(cost)
     peak = max(costs)
-    axis_max = nice_ceiling(peak)
+    axis_max = nice_ceiling(max(c + a for c, a in zip(costs, ahead, strict=True)))
     slot = plot_w / ndays
     bars = []
     for i, cost in enumerate(costs):
@@ -101,9 +109,17 @@ def daily_chart(period: str, by_day: Mapping[str, int], width: int = 720,
         x = left + i * slot + slot * 0.15
         bars.append(Bar(f"{period}-{i + 1:02d}", i + 1, cost, round(x, 2), round(bottom - h, 2),
                         round(slot * 0.7, 2), round(h, 2)))
+    ghosts = []
+    for i, cost in enumerate(ahead):
+        if cost <= 0:
+            continue
+        base = bars[i].y
+        h = max(plot_h * cost / axis_max, 1.5)
+        ghosts.append(Bar(f"{period}-{i + 1:02d}", i + 1, cost, bars[i].x, round(base - h, 2),
+                          bars[i].width, round(h, 2)))
     labelled = sorted({1, 5, 10, 15, 20, 25, ndays})
     xticks = tuple(Tick(round(left + (d - 0.5) * slot, 2), str(d)) for d in labelled)
     grid = tuple(Tick(round(bottom - plot_h * q / 4, 2), usd(axis_max * q // 4))
                  for q in range(5))
     return DailyChart(width, height, left, top, bottom, right, tuple(bars), xticks, grid,
-                      sum(costs), peak)
+                      sum(costs), peak, tuple(ghosts), sum(costs) + sum(ahead))

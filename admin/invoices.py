@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import re
 import sys
@@ -485,6 +486,7 @@ async def invoice_command(settings: Settings, month: str | None, tenant: str | N
         await ledger.start()
         try:
             invoice = await build_invoice(_LedgerOnly(settings, ledger, clock), period, tenant)
+            issued = await ledger.get_setting(f"invoices.issued.{period}")
         finally:
             await ledger.close()
     except NoActivity as exc:
@@ -492,6 +494,13 @@ async def invoice_command(settings: Settings, month: str | None, tenant: str | N
     except Exception as exc:  # a database that is down or unreadable: say so, no traceback
         return _fail(f"cannot read the ledger ({settings.ledger.database.split('://')[0]}): "
                      f"{type(exc).__name__}: {exc}", 1)
+    if out is None and issued is not None and json.loads(issued).get("state") == "issued" \
+            and pdf_path.exists() and csv_path.exists():
+        # Issued by invoices.auto (admin.invoice_auto): those files never change.
+        print(f"{period} is issued; its files are kept as issued:", file=sys.stderr)
+        print(pdf_path)
+        print(csv_path)
+        return 0
     try:
         await asyncio.to_thread(write_invoice, invoice, pdf_path, csv_path)
     except InvoiceRenderError as exc:

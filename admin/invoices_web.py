@@ -15,7 +15,7 @@ from types import ModuleType
 
 from aiohttp import web
 
-from admin import validate
+from admin import invoice_auto, validate
 from admin.auth import Handler, read_form, requires
 from admin.errors import BadInput, Missing, NotInstalled
 from admin.render import flash, render
@@ -78,8 +78,13 @@ def _download(kind: str) -> Handler:
     async def download(request: web.Request) -> web.Response:
         month = _month(request)
         tenant = validate.tenant(request.query.get("tenant"))
-        invoice = await _build(request, month, tenant)
-        body = await _bytes(kind, invoice)
+        try:  # an issued month: the stored file, exactly as issued
+            body = await invoice_auto.stored_file(request.app[GATEWAY], month, tenant, kind)
+        except invoice_auto.IssuedFileLost as exc:
+            raise RenderFailed(str(exc)) from None
+        if body is None:
+            invoice = await _build(request, month, tenant)
+            body = await _bytes(kind, invoice)
         return web.Response(body=body, headers={
             "Content-Type": CONTENT_TYPES[kind],
             "Content-Disposition": f'attachment; filename="{_filename(kind, month, tenant)}"',
@@ -106,8 +111,11 @@ async def invoices_page(request: web.Request) -> web.Response:
         available = True
     except NotInstalled:
         available = False
-    return render(request, "invoices.html", {"months": months, "available": available},
-                  active="invoices")
+    issued = await invoice_auto.history(gw)
+    return render(request, "invoices.html", {
+        "months": months, "available": available, "issued": issued,
+        "issued_months": {i["month"] for i in issued}, "auto": gw.settings.invoices_auto,
+    }, active="invoices")
 
 
 @requires("read")
@@ -119,6 +127,10 @@ async def save_invoice(request: web.Request) -> web.Response:
     if not isinstance(month, str) or not validate.MONTH_RE.match(month):
         raise BadInput("month must look like YYYY-MM.")
     tenant = validate.tenant(tenant if isinstance(tenant, str) else None)
+    if await invoice_auto.record_of(gw, month) is not None:
+        flash(request, f"{month} is issued: its files are kept as issued (download them from "
+                       "the history).")
+        raise web.HTTPSeeOther("/admin/invoices")
     inv = _renderer()
     invoice = await _build(request, month, tenant)
     pdf, csv = inv.invoice_paths(gw.settings.general.reports_dir, month, tenant)

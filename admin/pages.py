@@ -10,7 +10,9 @@ from admin.charts import daily_chart
 from admin.errors import BadInput
 from admin.render import render
 from gateway.budget import GLOBAL
-from gateway.services import GATEWAY
+from gateway.forecast import MonthClock, daily_from_rows, project
+from gateway.forecast_service import VIEW_MAX_AGE_S, forecasts
+from gateway.services import GATEWAY, Gateway
 
 TOP_N = 8
 LOG_PAGE = 50
@@ -30,18 +32,32 @@ async def dashboard(request: web.Request) -> web.Response:
     pending = next((r for r in await ops.usage(gw, period, "state") if r.group == "pending"),
                    None)
     reserved = pending.cost if pending else 0
+    by_day = {r.group: r.cost for r in days}
+    ahead = _projection(gw, period, by_day)
+    found = await forecasts(gw).month(period, max_age=VIEW_MAX_AGE_S)
+    projected = {(f.scope, f.id): f for f in found}
     return render(request, "dashboard.html", {
         "period": period, "scopes": scopes, "overshoot": overshoot,
         "overshoot_column": any(v.overshoot[1] for v in scopes),
-        "chart": daily_chart(period, {r.group: r.cost for r in days}),
-        "chart_narrow": daily_chart(period, {r.group: r.cost for r in days}, width=360,
-                                    height=220, left=64),
+        "chart": daily_chart(period, by_day, projected=ahead),
+        "chart_narrow": daily_chart(period, by_day, width=360, height=220, left=64,
+                                    projected=ahead),
+        "projected": projected,
         "tops": tops, "total": sum(r.cost for r in days) - reserved, "reserved": reserved,
         "in_flight": pending.requests if pending else 0,
         "requests": sum(r.requests for r in days),
         "overrides": sum(r.overrides for r in days),
         "warn_at": gw.budgets.warn_at,
     }, active="dashboard")
+
+
+def _projection(gw: Gateway, period: str, by_day: dict[str, int]) -> dict[int, int]:
+    """The rest of the month's spend per day at the current pace (``gateway.forecast``)."""
+    daily = daily_from_rows(period, by_day)
+    clock = MonthClock.of(period, gw.clock())
+    p = project(sum(daily.values()), None, daily, clock.days_in_month, clock.now_day,
+                clock.day_fraction, clock.first_weekday)
+    return dict(p.curve)
 
 
 @requires("read")

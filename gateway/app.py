@@ -22,6 +22,7 @@ from gateway.audit import AuditTrail
 from gateway.budget import BudgetEngine
 from gateway.config import Settings
 from gateway.errors import GatewayError, NotFound
+from gateway.forecast_service import setup_forecast
 from gateway.keys import KeyRing
 from gateway.ledger import open_ledger
 from gateway.logs import REQUEST_ID
@@ -142,7 +143,8 @@ def build_gateway(
     metrics = Metrics(registry)
     metrics.watch_budgets(BudgetView(budgets))
     gw = Gateway(settings, prices, ledger, budgets, KeyRing(settings.keys),
-                 AuditTrail(settings.logs_dir, clock, ledger), metrics, clock)
+                 AuditTrail(settings.logs_dir, clock, ledger, tz=settings.budgets.tz), metrics,
+                 clock)
     if _shared(settings):
         budgets.on_crossings = gw.record_crossings  # type: ignore[attr-defined]
     return gw
@@ -165,6 +167,7 @@ def create_app(settings: Settings, **parts: object) -> web.Application:
                           handler_args={"keepalive_timeout": settings.header_timeout_s})
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources(gw))
+    app.cleanup_ctx.append(setup_forecast(gw))
     setup_routes(app)
     setup_ops(app)
     try:

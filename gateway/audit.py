@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -55,6 +57,14 @@ FILES = {
                   ("time", "request_id", "tenant", "agent", "campaign", "task", "model",
                    "usage_source", "reserved_usd", "cost_usd", "overshoot_usd", "scope")),
 }
+# Monthly rotation: at a month's start (in the budget time zone) the files move to
+# archive/YYYY-MM/ and a new segment begins; its first line continues the chain (``n`` and
+# ``prev`` carry on). The anchor's ``sizes`` also keeps, beside the current segment's file
+# sizes, how many events came before it (SEGMENT_START) and its month (SEGMENT_MONTH, YYYYMM).
+ARCHIVE = "archive"
+MONTH_DIR = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
+SEGMENT_START = "@start"
+SEGMENT_MONTH = "@month"
 BATCH = 500  # events appended per writer step
 RETRY_MAX_S = 30.0  # backoff ceiling while the directory cannot be written
 POLL_S = 1.0  # how often the writer looks for events other replicas stored
@@ -224,6 +234,55 @@ def _move_aside(path: Path) -> None:
                 path.name, path.name, stamp)
 
 
+def segment_month(anchor: Anchor) -> str | None:
+    """The month (``YYYY-MM``) of the current segment, if the anchor records it."""
+    value = anchor.sizes.get(SEGMENT_MONTH)
+    return f"{value // 100:04d}-{value % 100:02d}" if value else None
+
+
+def files_of(anchor: Anchor) -> list[str]:
+    """The current segment's files that hold bytes."""
+    return [name for name, size in anchor.sizes.items() if not name.startswith("@") and size]
+
+
+def month_of(stamp: str, tz: ZoneInfo) -> str:
+    """``YYYY-MM`` of an event's ``time`` (ISO 8601 UTC) in ``tz``."""
+    moment = datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(tz)
+    return f"{moment.year:04d}-{moment.month:02d}"
+
+
+def first_month(path: Path, tz: ZoneInfo) -> str | None:
+    """The month of the first event in ``path`` (a segment written before rotation
+    existed records no month in the anchor)."""
+    try:
+        with open(path, "rb") as fh:
+            return month_of(str(orjson.loads(fh.readline())["time"]), tz)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def rotate_files(directory: Path, month: str, names: list[str]) -> None:
+    """Move the current segment's files into ``archive/<month>/`` (blocking: run in a
+    thread). Safe to repeat after a crash: files already moved are skipped; a file present
+    on both sides is not overwritten."""
+    target = directory / ARCHIVE / month
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src, dst = directory / name, target / name
+        if not src.exists():
+            if dst.exists():
+                continue  # moved by an attempt whose anchor update never landed
+            raise AuditTampered(f"{name} is missing; the anchor records bytes in it")
+        if dst.exists():
+            raise AuditTampered(f"{ARCHIVE}/{month}/{name} already exists; not overwritten")
+        os.replace(src, dst)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def move_aside_unanchored(directory: Path) -> None:
     """With an empty anchor, audit files already there (an unkeyed trail from before the
     chain was keyed, or a database started afresh) belong to no chain: keep them aside."""
@@ -252,6 +311,21 @@ class AuditStore(Protocol):
     async def flush(self) -> None: ...
 
 
+def period_now(clock: Any, tz: ZoneInfo) -> str:
+    moment = clock().astimezone(tz)
+    return f"{moment.year:04d}-{moment.month:02d}"
+
+
+def _until_later(events: list[PendingEvent], month: str, tz: ZoneInfo) -> list[PendingEvent]:
+    """The leading events that are not of a month after ``month``."""
+    out = []
+    for event in events:
+        if month_of(orjson.loads(event.data)["time"], tz) > month:
+            break
+        out.append(event)
+    return out
+
+
 def _now(clock: Any) -> str:
     return clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -264,7 +338,7 @@ class AuditTrail:
     """
 
     def __init__(self, logs_dir: Path, clock: Any = None, store: AuditStore | None = None,
-                 key: bytes | None = None):
+                 key: bytes | None = None, tz: ZoneInfo | None = None):
         self.dir = Path(logs_dir) / "budget"
         self.jsonl = self.dir / JSONL
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -278,6 +352,7 @@ class AuditTrail:
         self._kick: asyncio.Event | None = None  # ``flush``: retry now, not after the backoff
         self._task: asyncio.Task[None] | None = None
         self._adopted = False  # files from before the anchor have been moved aside
+        self.tz = tz or ZoneInfo("UTC")  # months for rotation, as the budgets count them
 
     # -- recording (the request path) ---------------------------------------------------------
     def row(self, kind: str, fields: Mapping[str, Any]) -> AuditRow:
@@ -402,12 +477,36 @@ class AuditTrail:
         if anchor.count and anchor.key_id and anchor.key_id != key_id(self.key):
             raise AuditTampered("the audit key differs from the one the trail was written "
                                 "with (COSTWALL_AUDIT_KEY changed?)")
+        month = segment_month(anchor)
+        if month is None and files_of(anchor):  # written before rotation existed
+            month = await asyncio.to_thread(first_month, self.jsonl, self.tz)
+        next_month = (month_of(orjson.loads(events[0].data)["time"], self.tz) if events
+                      else period_now(self._clock, self.tz))
+        if month is not None and files_of(anchor) and next_month > month:
+            await self._rotate(anchor, month)
+            return True
         if not events:
             return False
+        month = month or next_month
+        # One segment per month: events of a later month wait for the rotation.
+        events = _until_later(events, month, self.tz)
+        anchor = Anchor(anchor.count, anchor.head,
+                        {**anchor.sizes, SEGMENT_MONTH: int(month.replace("-", ""))},
+                        anchor.key_id)
         blobs, new, written = render_batch(self.key, anchor, events)
         await asyncio.to_thread(append_files, self.dir, anchor, blobs)
         await self.store.audit_advance(anchor, new, written)
-        return len(events) == BATCH
+        return True
+
+    async def _rotate(self, anchor: Anchor, month: str) -> None:
+        """Archive the current segment (month ``month``) and start an empty one that
+        continues the chain: same count and head, no file sizes."""
+        assert self.store is not None
+        await asyncio.to_thread(rotate_files, self.dir, month, [JSONL, *files_of(anchor)])
+        new = Anchor(anchor.count, anchor.head, {SEGMENT_START: anchor.count}, anchor.key_id)
+        await self.store.audit_advance(anchor, new, [])
+        log.info("audit trail: %s archived to %s/%s/ (%d events so far)", month, ARCHIVE,
+                 month, anchor.count)
 
     async def status(self) -> dict[str, Any]:
         """For ``/readyz``: events not yet in the files and why, if the writer is failing."""
@@ -426,14 +525,18 @@ class AuditTrail:
 
     # -- reading ------------------------------------------------------------------------------
     def events(self, kind: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every event written to the files (optionally of one kind), oldest first."""
-        if not self.jsonl.exists():
-            return
-        with open(self.jsonl, "rb") as fh:
-            for line in fh:
-                try:
-                    record = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if kind is None or record.get("kind") == kind:
-                    yield record
+        """Every event written to the files (optionally of one kind), oldest first: the
+        archived months' segments, then the current one."""
+        from gateway.audit_verify import archived_segments
+
+        for path in [*archived_segments(self.dir), self.jsonl]:
+            if not path.exists():
+                continue
+            with open(path, "rb") as fh:
+                for line in fh:
+                    try:
+                        record = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if kind is None or record.get("kind") == kind:
+                        yield record

@@ -25,7 +25,17 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.audit import FILES, GENESIS, mac, md_header, md_row
+from gateway.audit import (
+    ARCHIVE,
+    FILES,
+    GENESIS,
+    JSONL,
+    MONTH_DIR,
+    SEGMENT_START,
+    mac,
+    md_header,
+    md_row,
+)
 
 if TYPE_CHECKING:
     from gateway.audit import Anchor
@@ -40,10 +50,12 @@ class ChainReport:
     first_bad_line: int | None = None
     message: str = ""
     problems: tuple[str, ...] = field(default_factory=tuple)
+    file: str = JSONL  # the segment ``first_bad_line`` is in (``archive/YYYY-MM/events.jsonl``)
 
 
-def _line_problem(line: bytes, i: int, prev: str, key: bytes | None
+def _line_problem(line: bytes, i: int, prev: str, key: bytes | None, before: int = 0
                   ) -> tuple[str | None, dict[str, Any] | None]:
+    """The problem of line ``i`` of a segment that starts after event ``before``."""
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -57,14 +69,15 @@ def _line_problem(line: bytes, i: int, prev: str, key: bytes | None
     if key is not None and not _equal(mac(key, line[:at] + b"}"), stated):
         return (f"line {i}: its MAC does not match its content (edited, forged, or the "
                 "file re-chained without the audit key)"), record
-    n = record.get("n")
-    if n != i:
-        if isinstance(n, int) and not isinstance(n, bool) and n > i:
-            gone = f"event {i}" if n == i + 1 else f"events {i}..{n - 1}"
+    n, want = record.get("n"), before + i
+    if n != want:
+        if isinstance(n, int) and not isinstance(n, bool) and n > want:
+            gone = f"event {want}" if n == want + 1 else f"events {want}..{n - 1}"
             return f"line {i}: is event {n}; {gone} deleted before it", record
         return f"line {i}: claims to be event {n!r} (a copied or inserted line)", record
     if record.get("prev") != prev:
-        return (f"line {i}: prev is not the MAC of line {i - 1} (lines deleted, inserted or "
+        what = f"line {i - 1}" if i > 1 else "the previous segment's last line"
+        return (f"line {i}: prev is not the MAC of {what} (lines deleted, inserted or "
                 "reordered before it)"), record
     return None, record
 
@@ -75,60 +88,121 @@ def _equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+@dataclass
+class _Segment:
+    """One segment's lines as read: events, MACs, and its first problem."""
+
+    label: str
+    count: int = 0
+    macs: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    first_bad: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _read_segment(path: Path, label: str, key: bytes | None, before: int, prev: str
+                  ) -> _Segment:
+    seg = _Segment(label)
+    content = path.read_bytes() if path.exists() else b""
+    lines = content.split(b"\n") if content else []
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for i, line in enumerate(lines, start=1):
+        problem, record = _line_problem(line, i, prev, key, before)
+        if problem is not None and seg.first_bad is None:
+            seg.first_bad = i
+            seg.problems.append(f"{label} {problem}")
+        if record is not None:
+            seg.events.append(record)
+        stated = record.get("mac") if record is not None else None
+        prev = stated if isinstance(stated, str) else ""
+        seg.macs.append(prev)
+    seg.count = len(lines)
+    return seg
+
+
+def archived_segments(directory: Path) -> list[Path]:
+    """``archive/YYYY-MM/events.jsonl`` under ``directory``, oldest first."""
+    root = directory / ARCHIVE
+    if not root.is_dir():
+        return []
+    return sorted(p / JSONL for p in root.iterdir()
+                  if MONTH_DIR.fullmatch(p.name) and (p / JSONL).is_file())
+
+
 def verify(path: Path, key: bytes | None = None, anchor: Anchor | None = None) -> ChainReport:
-    """Check ``events.jsonl`` at ``path`` and the Markdown files beside it.
+    """Check ``events.jsonl`` at ``path``, the archived segments beside it
+    (``archive/YYYY-MM/events.jsonl``, oldest first: each continues the one before) and the
+    Markdown files of every segment.
 
     Without ``key`` only the structure (numbers and ``prev`` links) is checked; without
     ``anchor`` truncation and forged appends at the end go unnoticed.
     """
+    directory = path.parent
     problems: list[str] = []
-    first_bad: int | None = None
-    events: list[dict[str, Any]] = []
-    anchored = anchor.count if anchor is not None else 0
+    first_bad: tuple[str, int] | None = None
+    before, prev = 0, GENESIS
+    for archived in archived_segments(directory):
+        label = f"{ARCHIVE}/{archived.parent.name}/{JSONL}"
+        seg = _read_segment(archived, label, key, before, prev)
+        if seg.first_bad is not None and first_bad is None:
+            first_bad = (label, seg.first_bad)
+        problems.extend(seg.problems)
+        problems.extend(f"{ARCHIVE}/{archived.parent.name}/{p}"
+                        for p in _markdown_problems(archived.parent, seg.events))
+        before += seg.count
+        prev = seg.macs[-1] if seg.macs else prev
+    start = anchor.sizes.get(SEGMENT_START, 0) if anchor is not None else before
+    if anchor is not None and first_bad is None and before != start:
+        first_bad = (JSONL, 1)
+        problems.append(f"the archived segments hold {before} events but the current segment "
+                        f"starts after event {start} (an archived segment was deleted, cut "
+                        "or added)")
+    anchored = anchor.count - start if anchor is not None else 0
     if not path.exists():
         if anchored:
-            return _report(0, 1, [f"{path.name} is missing, but the database anchor records "
-                                  f"{anchored} events (deleted)"])
-        return ChainReport(True, 0, message=f"{path} does not exist yet (no events)")
-    content = path.read_bytes()
-    lines = content.split(b"\n") if content else []
-    if lines and lines[-1] == b"":
-        lines.pop()
-    prev, macs = GENESIS, []
-    for i, line in enumerate(lines, start=1):
-        problem, record = _line_problem(line, i, prev, key)
-        if problem is not None and first_bad is None:
-            first_bad = i
-            problems.append(f"{path.name} {problem}")
-        if record is not None:
-            events.append(record)
-        stated = record.get("mac") if record is not None else None
-        prev = stated if isinstance(stated, str) else ""
-        macs.append(prev)
-    count = len(lines)
-    if first_bad is None and anchor is not None:
+            problems.append(f"{path.name} is missing, but the database anchor records "
+                            f"{anchored} events in it (deleted)")
+            return _report(before, first_bad or (JSONL, 1), problems)
+        if not problems:
+            return ChainReport(True, before, message=f"{before} events, chain intact"
+                               if before else f"{path} does not exist yet (no events)")
+        return _report(before, first_bad, problems)
+    seg = _read_segment(path, path.name, key, start, prev)
+    current_bad = seg.first_bad
+    problems.extend(seg.problems)
+    count, macs = seg.count, seg.macs
+    if current_bad is None and anchor is not None:
         if count < anchored:
-            first_bad = count + 1
-            gone = f"event {anchored}" if anchored == count + 1 else \
-                f"events {count + 1}..{anchored}"
+            current_bad = count + 1
+            gone = f"event {anchor.count}" if anchored == count + 1 else \
+                f"events {start + count + 1}..{anchor.count}"
             problems.append(f"{path.name} has {count} events but the database anchor records "
                             f"{anchored}: {gone} deleted (truncated)")
         elif anchored and macs[anchored - 1] != anchor.head:
-            first_bad = anchored
+            current_bad = anchored
             problems.append(f"{path.name} line {anchored}: not the anchored last event (the "
                             "file was rewritten)")
         elif count > anchored:
-            first_bad = anchored + 1
+            current_bad = anchored + 1
             problems.append(f"{path.name} line {anchored + 1}: not anchored in the database "
                             "(appended after the last written event)")
-    problems.extend(_markdown_problems(path.parent, events))
-    return _report(count, first_bad, problems)
+        elif not anchored and before and prev != anchor.head:
+            current_bad = 1
+            problems.append("the last archived event is not the anchored last event (an "
+                            "archived segment was rewritten)")
+    if first_bad is None and current_bad is not None:
+        first_bad = (JSONL, current_bad)
+    problems.extend(_markdown_problems(directory, seg.events))
+    return _report(before + count, first_bad, problems)
 
 
-def _report(count: int, first_bad: int | None, problems: list[str]) -> ChainReport:
+def _report(count: int, first_bad: tuple[str, int] | None, problems: list[str]
+            ) -> ChainReport:
     if not problems:
         return ChainReport(True, count, message=f"{count} events, chain intact")
-    return ChainReport(False, count, first_bad, problems[0], tuple(problems))
+    where, line = first_bad if first_bad is not None else (JSONL, None)
+    return ChainReport(False, count, line, problems[0], tuple(problems), where)
 
 
 def _markdown_problems(directory: Path, events: list[dict[str, Any]]) -> list[str]:

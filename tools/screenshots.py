@@ -6,6 +6,7 @@ headless Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright). Writes
 ``dashboard.png``, ``budget.png``, ``override.png`` and, at a phone's 390 px,
 ``dashboard-phone.png``, ``budget-phone.png``, ``logs-phone.png``, ``keys-phone.png`` and
 ``invoices-phone.png`` (default ``docs/screenshots``). Nothing is downloaded.
+``--forecast`` writes only ``dashboard-forecast.png`` and ``dashboard-forecast-phone.png``.
 """
 
 from __future__ import annotations
@@ -103,5 +104,42 @@ def main(out: Path) -> None:
         print(out / f"{name}.png")
 
 
+def forecast(out: Path) -> None:
+    """``dashboard-forecast.png``: the dashboard mid-month (day 17 of a 30-day month), with
+    the projection drawn on the daily chart and the Projected column; and its phone view."""
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = [datetime(2026, 11, 1, 8, tzinfo=UTC)]
+    with tempfile.TemporaryDirectory() as tmp:
+        budgets = {**BUDGETS, "global": {"monthly_usd": "9"},
+                   "tenants": {"acme": {"monthly_usd": "4"}, "globex": {"monthly_usd": "6"}}}
+        stack = Stack(Path(tmp), clock=lambda: now[0], budgets=budgets)
+        try:
+            generate(stack, now, days=16)
+            now[0] = datetime(2026, 11, 17, 14, tzinfo=UTC)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(f"{stack.url}/admin/login")
+                page.fill("#token", ADMIN_TOKEN)
+                page.click("button[type=submit]")
+                page.wait_for_url(f"{stack.url}/admin")
+                page.screenshot(path=str(out / "dashboard-forecast.png"), full_page=True)
+                phone = browser.new_page(viewport={"width": 390, "height": 844},
+                                         device_scale_factor=2, is_mobile=True)
+                phone.context.add_cookies(page.context.cookies())
+                phone.goto(f"{stack.url}/admin")
+                phone.screenshot(path=str(out / "dashboard-forecast-phone.png"),
+                                 full_page=True)
+                browser.close()
+        finally:
+            stack.close()
+    print(out / "dashboard-forecast.png")
+    print(out / "dashboard-forecast-phone.png")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "screenshots")
+    args = [a for a in sys.argv[1:] if a != "--forecast"]
+    target = Path(args[0]) if args else ROOT / "docs" / "screenshots"
+    forecast(target) if "--forecast" in sys.argv else main(target)

@@ -40,7 +40,7 @@ NOT_YET: dict[str, frozenset[str]] = {
     "": frozenset({"rate_limits", "alerts", "upstreams"}),
     "budgets": frozenset({"users", "users_default"}),
     "budget_entry": frozenset({"weekly_usd", "daily_usd", "hourly_usd"}),
-    "invoices": frozenset({"auto", "email_to"}),
+    "invoices": frozenset({"email_to"}),
 }
 
 

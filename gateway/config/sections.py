@@ -153,6 +153,8 @@ class LoggingSettings(Section):
 class InvoiceSettings(Section):
     KEY = "invoices"
     company: str = setting("costwall", "name on invoices", Text())
+    auto: bool = setting(False, "issue last month's invoices once the month has closed (one "
+                         "replica, no cron)", Bool())
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "header_timeout_s": ("limits", "header_timeout_s"),
     "log_format": ("logging", "format"), "log_level": ("logging", "level"),
     "access_log": ("logging", "access"), "invoice_company": ("invoices", "company"),
+    "invoices_auto": ("invoices", "auto"),
     "override_allow": ("override", "allow"),
 }
 
@@ -193,6 +194,10 @@ class Settings:
     @property
     def invoice_company(self) -> str:
         return self.invoices.company
+
+    @property
+    def invoices_auto(self) -> bool:
+        return self.invoices.auto
 
     @property
     def override_allow(self) -> bool:
