@@ -134,7 +134,8 @@ async def save_invoice(request: web.Request) -> web.Response:
 
 
 def setup_invoices(app: web.Application) -> None:
-    app.router.add_get("/admin/invoices", invoices_page)
-    app.router.add_post("/admin/invoices/save", save_invoice)
-    app.router.add_get("/admin/invoices/{month}.pdf", _download("pdf"))
-    app.router.add_get("/admin/invoices/{month}.csv", _download("csv"))
+    """Routes of ``/admin/invoices`` and the downloads (paths relative to the admin mount)."""
+    app.router.add_get("/invoices", invoices_page)
+    app.router.add_post("/invoices/save", save_invoice)
+    app.router.add_get("/invoices/{month}.pdf", _download("pdf"))
+    app.router.add_get("/invoices/{month}.csv", _download("csv"))

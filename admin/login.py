@@ -89,6 +89,7 @@ async def logout(request: web.Request) -> web.Response:
 
 
 def setup_login(app: web.Application) -> None:
-    app.router.add_get("/admin/login", login_page)
-    app.router.add_post("/admin/login", login_submit)
-    app.router.add_post("/admin/logout", logout)
+    """Routes of ``/admin/login`` and ``/admin/logout`` (paths relative to the admin mount)."""
+    app.router.add_get("/login", login_page)
+    app.router.add_post("/login", login_submit)
+    app.router.add_post("/logout", logout)
