@@ -72,9 +72,14 @@ __all__ = [  # the invoice API, including what it re-exports from admin.pdf_sand
 class InvoiceSource(Protocol):
     """What ``build_invoice`` needs: a ``Gateway`` fits, and so does the CLI's bare ledger."""
 
-    settings: Settings
-    ledger: Ledger
-    clock: Callable[[], datetime]
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
 
 
 # -- value objects -----------------------------------------------------------------------------

@@ -9,29 +9,20 @@ Both roles may read and save invoices: finance owns them, and they change no bud
 from __future__ import annotations
 
 import asyncio
-import importlib
 from pathlib import Path
-from types import ModuleType
 
 from aiohttp import web
 
+from admin import invoices as inv
 from admin import validate
 from admin.auth import Handler, read_form, requires
-from admin.errors import BadInput, Missing, NotInstalled
+from admin.errors import BadInput, Missing
 from admin.render import flash, render
 from gateway.errors import GatewayError
 from gateway.money import format_usd
 from gateway.services import GATEWAY
 
 CONTENT_TYPES = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8"}
-
-
-def _renderer() -> ModuleType:
-    """``admin.invoices``, imported on use so the pages work while it is missing."""
-    try:
-        return importlib.import_module("admin.invoices")
-    except ImportError as exc:
-        raise NotInstalled(f"Invoice rendering is not available: {exc}") from None
 
 
 class RenderFailed(GatewayError):
@@ -47,8 +38,7 @@ def _month(request: web.Request) -> str:
     return month
 
 
-async def _build(request: web.Request, month: str, tenant: str | None) -> object:
-    inv = _renderer()
+async def _build(request: web.Request, month: str, tenant: str | None) -> inv.Invoice:
     try:
         return await inv.build_invoice(request.app[GATEWAY], month, tenant)
     except inv.NoActivity as exc:
@@ -57,20 +47,18 @@ async def _build(request: web.Request, month: str, tenant: str | None) -> object
         raise BadInput(str(exc)) from None
 
 
-async def _bytes(kind: str, invoice: object) -> bytes:
-    inv = _renderer()
+async def _bytes(kind: str, invoice: inv.Invoice) -> bytes:
     try:
         if kind == "pdf":  # CPU-bound: keep the event loop free for proxied traffic
-            return await asyncio.to_thread(inv.render_pdf, invoice)  # type: ignore[no-any-return]
-        return inv.render_csv(invoice)  # type: ignore[no-any-return]
+            return await asyncio.to_thread(inv.render_pdf, invoice)
+        return inv.render_csv(invoice)
     except inv.InvoiceRenderError as exc:
         raise RenderFailed(str(exc)) from None
 
 
 def _filename(kind: str, month: str, tenant: str | None) -> str:
-    inv = _renderer()
     pdf, csv = inv.invoice_files(Path("."), month, tenant)
-    return (pdf if kind == "pdf" else csv).name  # type: ignore[no-any-return]
+    return (pdf if kind == "pdf" else csv).name
 
 
 def _download(kind: str) -> Handler:
@@ -101,13 +89,7 @@ async def invoices_page(request: web.Request) -> web.Response:
         months.append({"period": period, "tenants": tenants, "current": period == current,
                        "total": sum(r.cost for r in tenants),
                        "requests": sum(r.requests for r in tenants)})
-    try:
-        _renderer()
-        available = True
-    except NotInstalled:
-        available = False
-    return render(request, "invoices.html", {"months": months, "available": available},
-                  active="invoices")
+    return render(request, "invoices.html", {"months": months}, active="invoices")
 
 
 @requires("read")
@@ -119,7 +101,6 @@ async def save_invoice(request: web.Request) -> web.Response:
     if not isinstance(month, str) or not validate.MONTH_RE.match(month):
         raise BadInput("month must look like YYYY-MM.")
     tenant = validate.tenant(tenant if isinstance(tenant, str) else None)
-    inv = _renderer()
     invoice = await _build(request, month, tenant)
     pdf, csv = inv.invoice_paths(gw.settings.reports_dir, month, tenant)
     try:
