@@ -145,13 +145,14 @@ async def delete_key(request: web.Request) -> web.Response:
 
 
 def setup_api(app: web.Application) -> None:
+    """Routes of the JSON API: ``/admin/api/...`` (paths relative to the admin mount)."""
     r = app.router
-    r.add_get("/admin/api/budget", get_budget)
-    r.add_post("/admin/api/override", post_override)
-    r.add_put("/admin/api/budgets/{scope}/{id}", put_budget)
-    r.add_delete("/admin/api/budgets/{scope}/{id}", delete_budget)
-    r.add_get("/admin/api/usage", get_usage)
-    r.add_get("/admin/api/logs/{kind}", get_logs)
-    r.add_get("/admin/api/keys", get_keys)
-    r.add_post("/admin/api/keys", post_key)
-    r.add_delete("/admin/api/keys/{name}", delete_key)
+    r.add_get("/api/budget", get_budget)
+    r.add_post("/api/override", post_override)
+    r.add_put("/api/budgets/{scope}/{id}", put_budget)
+    r.add_delete("/api/budgets/{scope}/{id}", delete_budget)
+    r.add_get("/api/usage", get_usage)
+    r.add_get("/api/logs/{kind}", get_logs)
+    r.add_get("/api/keys", get_keys)
+    r.add_post("/api/keys", post_key)
+    r.add_delete("/api/keys/{name}", delete_key)

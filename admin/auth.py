@@ -36,6 +36,7 @@ from gateway.services import GATEWAY
 log = logging.getLogger("costwall.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FormValue = str | bytes | bytearray | FileField  # what aiohttp's ``request.post()`` holds
 COOKIE = "costwall_admin"
 FAILURES_PER_WINDOW = 5
 FAILURE_WINDOW_S = 60.0
@@ -235,7 +236,7 @@ def form_text(form: Any, name: str, limit: int | None = None) -> str:
     return text if limit is None else text[:limit]
 
 
-async def read_form(request: web.Request) -> MultiDictProxy[str | FileField]:
+async def read_form(request: web.Request) -> MultiDictProxy[FormValue]:
     """The posted form (at most ``MAX_FORM_BYTES``); a body that is no form is a 400."""
     if (request.content_length or 0) > MAX_FORM_BYTES:
         raise TooLarge("Form too large.")

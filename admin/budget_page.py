@@ -94,7 +94,8 @@ async def remove_cap(request: web.Request) -> web.Response:
 
 
 def setup_budget(app: web.Application) -> None:
-    app.router.add_get("/admin/budget", budget)
-    app.router.add_post("/admin/budget/override", toggle_override)
-    app.router.add_post("/admin/budget/caps", save_cap)
-    app.router.add_post("/admin/budget/caps/remove", remove_cap)
+    """Routes of ``/admin/budget`` and its forms (paths relative to the admin mount)."""
+    app.router.add_get("/budget", budget)
+    app.router.add_post("/budget/override", toggle_override)
+    app.router.add_post("/budget/caps", save_cap)
+    app.router.add_post("/budget/caps/remove", remove_cap)

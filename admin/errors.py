@@ -7,12 +7,12 @@ HTML page elsewhere under ``/admin``.
 
 from __future__ import annotations
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, NotFound, PayloadTooLarge
 
-# 404 (no such cap, key, log kind or route) and 413 are the gateway's own errors, re-exported
-# under the names the admin views use.
-from gateway.errors import NotFound as Missing  # noqa: F401
-from gateway.errors import PayloadTooLarge as TooLarge  # noqa: F401
+# 404 (no such cap, key, log kind or route) and 413 are the gateway's own errors, under the
+# names the admin views use.
+Missing = NotFound
+TooLarge = PayloadTooLarge
 
 
 class BadInput(GatewayError):
@@ -63,11 +63,3 @@ class AdminClosed(GatewayError):
     status = 503
     type = "server_error"
     code = "admin_disabled"
-
-
-class NotInstalled(GatewayError):
-    """503: an optional part (invoice rendering) is not available in this build."""
-
-    status = 503
-    type = "server_error"
-    code = "not_available"

@@ -38,5 +38,5 @@ async def get_invoices(request: web.Request) -> web.Response:
 
 
 def setup_history_api(app: web.Application) -> None:
-    app.router.add_get("/admin/api/forecast", get_forecast)
-    app.router.add_get("/admin/api/invoices", get_invoices)
+    app.router.add_get("/api/forecast", get_forecast)
+    app.router.add_get("/api/invoices", get_invoices)

@@ -73,9 +73,14 @@ __all__ = [  # the invoice API, including what it re-exports from admin.pdf_sand
 class InvoiceSource(Protocol):
     """What ``build_invoice`` needs: a ``Gateway`` fits, and so does the CLI's bare ledger."""
 
-    settings: Settings
-    ledger: Ledger
-    clock: Callable[[], datetime]
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
 
 
 # -- value objects -----------------------------------------------------------------------------
@@ -119,11 +124,7 @@ class Breakdown:
 
 @dataclass(frozen=True)
 class Invoice:
-    """A month's invoice for one tenant (or all of them when ``tenant`` is None).
-
-    >>> inv.number, inv.period, inv.issue_date        # doctest: +SKIP
-    ('CW-2026-11-ACME', '2026-11', datetime.date(2026, 12, 1))
-    """
+    """A month's invoice for one tenant (or all of them when ``tenant`` is None)."""
 
     number: str
     period: str
@@ -247,7 +248,13 @@ def safe_name(tenant: str) -> str:
 
 
 def invoice_number(period: str, tenant: str | None) -> str:
-    """Stable per month and tenant: ``CW-2026-11-ACME``, ``CW-2026-11-ALL``."""
+    """Stable per month and tenant; a name unfit for a file name gets a hash suffix.
+
+    >>> invoice_number("2026-11", "acme"), invoice_number("2026-11", None)
+    ('CW-2026-11-ACME', 'CW-2026-11-ALL')
+    >>> invoice_number("2026-11", "../etc")
+    'CW-2026-11-ETC-F7F9121F'
+    """
     return f"CW-{period}-{safe_name(tenant).upper() if tenant is not None else 'ALL'}"
 
 

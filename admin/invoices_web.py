@@ -9,29 +9,20 @@ Both roles may read and save invoices: finance owns them, and they change no bud
 from __future__ import annotations
 
 import asyncio
-import importlib
 from pathlib import Path
-from types import ModuleType
 
 from aiohttp import web
 
 from admin import invoice_auto, validate
+from admin import invoices as inv
 from admin.auth import Handler, read_form, requires
-from admin.errors import BadInput, Missing, NotInstalled
+from admin.errors import BadInput, Missing
 from admin.render import flash, render
 from gateway.errors import GatewayError
 from gateway.money import format_usd
 from gateway.services import GATEWAY
 
 CONTENT_TYPES = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8"}
-
-
-def _renderer() -> ModuleType:
-    """``admin.invoices``, imported on use so the pages work while it is missing."""
-    try:
-        return importlib.import_module("admin.invoices")
-    except ImportError as exc:
-        raise NotInstalled(f"Invoice rendering is not available: {exc}") from None
 
 
 class RenderFailed(GatewayError):
@@ -47,8 +38,7 @@ def _month(request: web.Request) -> str:
     return month
 
 
-async def _build(request: web.Request, month: str, tenant: str | None) -> object:
-    inv = _renderer()
+async def _build(request: web.Request, month: str, tenant: str | None) -> inv.Invoice:
     try:
         return await inv.build_invoice(request.app[GATEWAY], month, tenant)
     except inv.NoActivity as exc:
@@ -57,20 +47,18 @@ async def _build(request: web.Request, month: str, tenant: str | None) -> object
         raise BadInput(str(exc)) from None
 
 
-async def _bytes(kind: str, invoice: object) -> bytes:
-    inv = _renderer()
+async def _bytes(kind: str, invoice: inv.Invoice) -> bytes:
     try:
         if kind == "pdf":  # CPU-bound: keep the event loop free for proxied traffic
-            return await asyncio.to_thread(inv.render_pdf, invoice)  # type: ignore[no-any-return]
-        return inv.render_csv(invoice)  # type: ignore[no-any-return]
+            return await asyncio.to_thread(inv.render_pdf, invoice)
+        return inv.render_csv(invoice)
     except inv.InvoiceRenderError as exc:
         raise RenderFailed(str(exc)) from None
 
 
 def _filename(kind: str, month: str, tenant: str | None) -> str:
-    inv = _renderer()
     pdf, csv = inv.invoice_files(Path("."), month, tenant)
-    return (pdf if kind == "pdf" else csv).name  # type: ignore[no-any-return]
+    return (pdf if kind == "pdf" else csv).name
 
 
 def _download(kind: str) -> Handler:
@@ -106,14 +94,9 @@ async def invoices_page(request: web.Request) -> web.Response:
         months.append({"period": period, "tenants": tenants, "current": period == current,
                        "total": sum(r.cost for r in tenants),
                        "requests": sum(r.requests for r in tenants)})
-    try:
-        _renderer()
-        available = True
-    except NotInstalled:
-        available = False
     issued = await invoice_auto.history(gw)
     return render(request, "invoices.html", {
-        "months": months, "available": available, "issued": issued,
+        "months": months, "issued": issued,
         "issued_months": {i["month"] for i in issued}, "auto": gw.settings.invoices_auto,
     }, active="invoices")
 
@@ -131,7 +114,6 @@ async def save_invoice(request: web.Request) -> web.Response:
         flash(request, f"{month} is issued: its files are kept as issued (download them from "
                        "the history).")
         raise web.HTTPSeeOther("/admin/invoices")
-    inv = _renderer()
     invoice = await _build(request, month, tenant)
     pdf, csv = inv.invoice_paths(gw.settings.general.reports_dir, month, tenant)
     try:
@@ -146,7 +128,8 @@ async def save_invoice(request: web.Request) -> web.Response:
 
 
 def setup_invoices(app: web.Application) -> None:
-    app.router.add_get("/admin/invoices", invoices_page)
-    app.router.add_post("/admin/invoices/save", save_invoice)
-    app.router.add_get("/admin/invoices/{month}.pdf", _download("pdf"))
-    app.router.add_get("/admin/invoices/{month}.csv", _download("csv"))
+    """Routes of ``/admin/invoices`` and the downloads (paths relative to the admin mount)."""
+    app.router.add_get("/invoices", invoices_page)
+    app.router.add_post("/invoices/save", save_invoice)
+    app.router.add_get("/invoices/{month}.pdf", _download("pdf"))
+    app.router.add_get("/invoices/{month}.csv", _download("csv"))

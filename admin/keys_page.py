@@ -60,6 +60,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 def setup_keys(app: web.Application) -> None:
-    app.router.add_get("/admin/keys", keys)
-    app.router.add_post("/admin/keys", create_key)
-    app.router.add_post("/admin/keys/revoke", revoke_key)
+    """Routes of ``/admin/keys`` and its forms (paths relative to the admin mount)."""
+    app.router.add_get("/keys", keys)
+    app.router.add_post("/keys", create_key)
+    app.router.add_post("/keys/revoke", revoke_key)

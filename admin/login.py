@@ -11,6 +11,7 @@ from admin.auth import (
     CLOSED_MESSAGE,
     COOKIE,
     client_ip,
+    form_text,
     principal,
     read_form,
     requires,
@@ -53,7 +54,7 @@ async def login_submit(request: web.Request) -> web.Response:
     if (request.content_length or 0) > 16 * 1024:
         raise web.HTTPRequestEntityTooLarge(16 * 1024, request.content_length or 0)
     form = await read_form(request)
-    target = safe_next(form.get("next") if isinstance(form.get("next"), str) else None)
+    target = safe_next(form_text(form, "next"))
     try:
         auth.check_attempt(ip)
     except RateLimited as exc:
@@ -89,6 +90,7 @@ async def logout(request: web.Request) -> web.Response:
 
 
 def setup_login(app: web.Application) -> None:
-    app.router.add_get("/admin/login", login_page)
-    app.router.add_post("/admin/login", login_submit)
-    app.router.add_post("/admin/logout", logout)
+    """Routes of ``/admin/login`` and ``/admin/logout`` (paths relative to the admin mount)."""
+    app.router.add_get("/login", login_page)
+    app.router.add_post("/login", login_submit)
+    app.router.add_post("/logout", logout)

@@ -29,10 +29,6 @@ SECURITY_HEADERS = {
 }
 
 
-def is_admin_path(path: str) -> bool:
-    return path == "/admin" or path.startswith("/admin/")
-
-
 def error_response(request: web.Request, exc: GatewayError) -> web.Response:
     headers: dict[str, str] = {}
     if isinstance(exc, RateLimited):
@@ -62,9 +58,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> GatewayError:
 
 @web.middleware
 async def admin_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Admin errors to JSON or HTML; other paths pass straight through."""
-    if not is_admin_path(request.path):
-        return await handler(request)
+    """Admin errors to JSON or HTML (the admin sub-app's middleware: admin paths only)."""
     try:
         response = await handler(request)
     except GatewayError as exc:
@@ -86,8 +80,6 @@ async def admin_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """CSP and friends on every admin answer; nothing admin-side is cached but static files."""
-    if not is_admin_path(request.path):
-        return
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     if not request.path.startswith("/admin/static/"):

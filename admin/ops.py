@@ -165,14 +165,18 @@ async def events(gw: Gateway, kinds: Iterable[str], *, scope: str | None = None,
 
 
 # -- the global override ---------------------------------------------------------------------
-async def set_override(gw: Gateway, enabled: bool, reason: str, actor: str) -> OverrideState:
-    """Switch the global override; persisted first, so a failed write changes nothing."""
-    reason = validate.reason(reason, required=enabled)
+async def set_override(gw: Gateway, enabled: bool, reason: object,
+                       actor: str) -> OverrideState:
+    """Switch the global override; persisted first, so a failed write changes nothing.
+
+    ``reason`` is checked here (a JSON value from the API, a form field from the page).
+    """
+    text = validate.reason(reason, required=enabled)
     now = gw.clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    state = OverrideState(enabled, reason or None, actor, now)
+    state = OverrideState(enabled, text or None, actor, now)
     audit = gw.admin_row(actor, "override.on" if enabled else "override.off", "global",
                          "global budget override " + ("enabled" if enabled else "disabled"),
-                         reason)
+                         text)
     await _commit(gw, gw.ledger.set_setting(OVERRIDE_SETTING, state.to_json(),
                                             audit=audit))
     gw.overrides.state = state

@@ -85,6 +85,7 @@ async def logs(request: web.Request) -> web.Response:
 
 
 def setup_pages(app: web.Application) -> None:
-    app.router.add_get("/admin", dashboard)
-    app.router.add_get("/admin/", dashboard)
-    app.router.add_get("/admin/logs", logs)
+    """The dashboard (``/admin``, ``/admin/``) and ``/admin/logs``; paths relative to the mount."""
+    app.router.add_get("", dashboard)
+    app.router.add_get("/", dashboard)
+    app.router.add_get("/logs", logs)

@@ -6,7 +6,7 @@ campaign id like ``<script>`` shows as text, in HTML and in inline SVG alike.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,17 @@ NAV = (("dashboard", "/admin", "Dashboard"), ("budget", "/admin/budget", "Budget
        ("keys", "/admin/keys", "Keys"))
 
 
+FILTERS: dict[str, Callable[..., str]] = {
+    "usd": fmt.usd, "usd_exact": format_usd, "percent": fmt.percent, "share": fmt.share,
+    "count": fmt.count, "plural": fmt.plural, "when": fmt.when,
+}
+
+
 def setup_templates(app: web.Application) -> None:
     aiohttp_jinja2.setup(
         app, app_key=JINJA, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
         undefined=jinja2.StrictUndefined, default_helpers=False, trim_blocks=True,
-        lstrip_blocks=True,
-        filters={"usd": fmt.usd, "usd_exact": format_usd, "percent": fmt.percent,
-                 "share": fmt.share, "count": fmt.count, "plural": fmt.plural,
-                 "when": fmt.when},
+        lstrip_blocks=True, filters=FILTERS,
     )
 
 

@@ -2,7 +2,8 @@
 
 Long-lived resources (ledger writer, upstream ``ClientSession``) open and close in
 ``cleanup_ctx``. Errors become responses in one middleware: the OpenAI error shape under
-``/v1``, ``{"error": {...}}`` JSON for the admin API.
+``/v1``. The admin UI and API are a sub-application mounted at ``/admin`` with their own
+error middleware (``admin.middleware``), so this one never reshapes an admin error.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from admin.app import PREFIX as ADMIN_PREFIX
+from admin.app import create_admin_app
 from gateway.audit import AuditTrail
 from gateway.budget import BudgetEngine
 from gateway.config import Settings
@@ -170,12 +173,7 @@ def create_app(settings: Settings, **parts: object) -> web.Application:
     app.cleanup_ctx.append(setup_forecast(gw))
     setup_routes(app)
     setup_ops(app)
-    try:
-        from admin import setup as setup_admin
-    except ImportError:  # the admin package is optional for a bare proxy
-        pass
-    else:
-        setup_admin(app)
+    app.add_subapp(ADMIN_PREFIX, create_admin_app(gw))
     return app
 
 

@@ -27,7 +27,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -326,7 +326,7 @@ def _until_later(events: list[PendingEvent], month: str, tz: ZoneInfo) -> list[P
     return out
 
 
-def _now(clock: Any) -> str:
+def _now(clock: Callable[[], datetime]) -> str:
     return clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

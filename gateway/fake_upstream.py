@@ -41,6 +41,7 @@ EMBEDDING_DIM = 8
 RECENT_RECORDS = 50
 REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 FINGERPRINT = "fp_costwall_fake"
+Obj = dict[str, Any]  # a JSON object: a request body, a response, a recorded request
 MODELS = (
     "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-5", "gpt-5-mini", "o3", "o4-mini",
     "gpt-3.5-turbo", "text-embedding-3-small", "text-embedding-3-large",
@@ -85,7 +86,7 @@ class FakeUpstreamState:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     max_records: int = 10_000
-    requests: list[dict] = field(default_factory=list)
+    requests: list[Obj] = field(default_factory=list)
     total_requests: int = 0
 
     def reset(self) -> None:
@@ -96,7 +97,7 @@ class FakeUpstreamState:
         self.requests.clear()
         self.total_requests = 0
 
-    def knobs(self) -> dict[str, Any]:
+    def knobs(self) -> Obj:
         """Current knob values, as served by ``/_fake/config``."""
         return {name: getattr(self, name) for name in KNOBS}
 
@@ -123,7 +124,7 @@ class _Invalid(Exception):
         self.param = param
 
 
-class _Headers(dict):
+class _Headers(dict[str, str]):
     """Recorded request headers: a plain dict with lower-case keys, looked up case-insensitively."""
 
     def __getitem__(self, key: str) -> str:
@@ -132,7 +133,7 @@ class _Headers(dict):
     def __contains__(self, key: object) -> bool:
         return super().__contains__(key.lower() if isinstance(key, str) else key)
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
 
 
@@ -176,7 +177,7 @@ def _chunks(pieces: list[str]) -> list[str]:
                                                                      TOKENS_PER_CHUNK)]
 
 
-def _int(body: dict, key: str, default: int | None, low: int, high: int) -> int | None:
+def _int(body: Obj, key: str, default: int | None, low: int, high: int) -> int | None:
     value = body.get(key)
     if value is None:
         return default
@@ -185,7 +186,7 @@ def _int(body: dict, key: str, default: int | None, low: int, high: int) -> int 
     return value
 
 
-def _limit(body: dict, *keys: str) -> int | None:
+def _limit(body: Obj, *keys: str) -> int | None:
     """The first output limit set among ``keys`` (max_completion_tokens wins over max_tokens)."""
     for key in keys:
         value = _int(body, key, None, 1, 10_000_000)
@@ -194,7 +195,7 @@ def _limit(body: dict, *keys: str) -> int | None:
     return None
 
 
-def _model(body: dict) -> str:
+def _model(body: Obj) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _Invalid("you must provide a model parameter", "model")
@@ -212,7 +213,7 @@ def _plan(model: str, limit: int | None, default: int, state: FakeUpstreamState,
     return visible, reasoning, visible == limit - reasoning
 
 
-def _usage(prompt: int, completion: int, reasoning: int, state: FakeUpstreamState) -> dict:
+def _usage(prompt: int, completion: int, reasoning: int, state: FakeUpstreamState) -> Obj:
     return {
         "prompt_tokens": prompt, "completion_tokens": completion,
         "total_tokens": prompt + completion,
@@ -307,12 +308,12 @@ async def _sse(request: web.Request, state: FakeUpstreamState, head: list[bytes]
     return resp
 
 
-def _chunk_prefix(obj: dict) -> bytes:
+def _chunk_prefix(obj: Obj) -> bytes:
     """``data: {...,"choices":`` with the per-stream constant fields encoded once."""
     return b"data: " + orjson.dumps(obj)[:-1] + b',"choices":'
 
 
-async def _chat(request: web.Request, state: FakeUpstreamState, body: dict) -> web.StreamResponse:
+async def _chat(request: web.Request, state: FakeUpstreamState, body: Obj) -> web.StreamResponse:
     model = _model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -342,8 +343,8 @@ async def _chat(request: web.Request, state: FakeUpstreamState, body: dict) -> w
     return await _stream_choices(request, state, body, base, usage, finish, pieces, chat=True)
 
 
-async def _stream_choices(request: web.Request, state: FakeUpstreamState, body: dict,
-                          base: dict, usage: dict | None, finish: str, pieces: list[list[str]],
+async def _stream_choices(request: web.Request, state: FakeUpstreamState, body: Obj,
+                          base: Obj, usage: Obj | None, finish: str, pieces: list[list[str]],
                           chat: bool) -> web.StreamResponse:
     """Chat and legacy completion chunks; a usage chunk only if the client asked for one."""
     options = body.get("stream_options")
@@ -368,7 +369,7 @@ async def _stream_choices(request: web.Request, state: FakeUpstreamState, body: 
 
 
 async def _completions(request: web.Request, state: FakeUpstreamState,
-                       body: dict) -> web.StreamResponse:
+                       body: Obj) -> web.StreamResponse:
     model = _model(body)
     prompt_value = body.get("prompt")
     if not isinstance(prompt_value, (str, list)):
@@ -408,7 +409,7 @@ def _vector(item: Any, dim: int) -> list[float]:
 
 
 async def _embeddings(request: web.Request, state: FakeUpstreamState,
-                      body: dict) -> web.StreamResponse:
+                      body: Obj) -> web.StreamResponse:
     model = _model(body)
     value = body.get("input")
     if not value or not isinstance(value, (str, list)):
@@ -423,14 +424,14 @@ async def _embeddings(request: web.Request, state: FakeUpstreamState,
             vec = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
         data.append({"object": "embedding", "index": i, "embedding": vec})
     prompt = tokens.count_prompt_input(value, _encoding(model))
-    out: dict[str, Any] = {"object": "list", "data": data, "model": model}
+    out: Obj = {"object": "list", "data": data, "model": model}
     if not state.omit_usage:
         out["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
     return _json(out)
 
 
 async def _responses(request: web.Request, state: FakeUpstreamState,
-                     body: dict) -> web.StreamResponse:
+                     body: Obj) -> web.StreamResponse:
     model = _model(body)
     value = body.get("input")
     if not isinstance(value, (str, list)):
@@ -455,7 +456,7 @@ async def _responses(request: web.Request, state: FakeUpstreamState,
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
     message = {"id": msg_id, "type": "message", "status": status, "role": "assistant",
                "content": [part]}
-    output: list[dict] = []
+    output: list[Obj] = []
     if reasoning:
         output.append({"id": "rs_" + secrets.token_hex(12), "type": "reasoning", "summary": []})
     output.append(message)
@@ -503,7 +504,7 @@ async def _responses(request: web.Request, state: FakeUpstreamState,
     return await _sse(request, state, head, content, tail)
 
 
-def _model_obj(model: str) -> dict:
+def _model_obj(model: str) -> Obj:
     return {"id": model, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
 
 
@@ -533,7 +534,8 @@ async def _config(request: web.Request) -> web.Response:
         if value is None and nullable:
             continue
         if (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
-                or (not isinstance(value, (bool, str)) and value < low)):
+                or (isinstance(value, int | float) and not isinstance(value, bool)
+                    and value < low)):
             return _error(400, f"invalid value for {key}: {value!r}", key)
     for key, value in values.items():
         setattr(state, key, str(value) if key == "retry_after" and value is not None else value)

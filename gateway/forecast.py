@@ -125,9 +125,9 @@ def project(spent: int, limit: int | None, daily: Mapping[int, int], days_in_mon
             for day, amount, start in steps:
                 if amount > 0 and amount >= left:
                     exhausts_day = day
-                    exhausts_fraction = start + (1 - start) * left / amount
+                    exhausts_fraction = Fraction(start + (1 - start) * left / amount)
                     break
-                left -= amount
+                left = Fraction(left - amount)
     curve = tuple((day, int(amount)) for day, amount, _ in steps)
     return Projection(spent, projected, int(rate), method, exhausts_day, exhausts_fraction,
                       curve)

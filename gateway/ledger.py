@@ -216,7 +216,7 @@ def open_ledger(url: str, **options: Any) -> Ledger:
 
         return SqliteLedger(url.removeprefix("sqlite:///"), **options)
     if url.startswith(("postgresql://", "postgres://")):
-        from gateway.ledger_pg import PostgresLedger  # type: ignore[import-not-found]
+        from gateway.ledger_pg import PostgresLedger
 
-        return PostgresLedger(url, **options)  # type: ignore[no-any-return]
+        return PostgresLedger(url, **options)
     raise ValueError(f"unsupported database URL {url!r}")

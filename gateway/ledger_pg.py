@@ -346,7 +346,9 @@ class PostgresLedger:
             f"SUM(cached_tokens), SUM(completion_tokens), SUM(reasoning_tokens), SUM({_COST}), "
             f"SUM(override::int) FROM requests WHERE {where} GROUP BY grp "
             "ORDER BY grp", *params)
-        return [UsageRow(str(r[0]), *(_int(v) for v in tuple(r)[1:])) for r in rows]
+        # mypy cannot count the starred values (the seven counters before ``extra``)
+        return [UsageRow(str(r[0]), *(_int(v) for v in tuple(r)[1:]))  # type: ignore[arg-type]
+                for r in rows]
 
     async def entries(self, period: str, tenant: str | None = None) -> list[LedgerEntry]:
         sql = f"SELECT {', '.join(COLUMNS)} FROM requests WHERE period = $1"
@@ -413,7 +415,7 @@ class PostgresLedger:
         rows = await self.pool.fetch(
             "SELECT name, key_sha256, tenant, agent, can_override, created_at, revoked_at, "
             "prefix, agents FROM api_keys ORDER BY created_at, name")
-        return [KeyRecord(*r[:8], tuple(r[8])) for r in rows]
+        return [KeyRecord(*r[:8], tuple(r[8])) for r in rows]  # type: ignore[call-arg]
 
     async def add_key(self, record: KeyRecord, audit: AuditRow | None = None) -> None:
         await self._change(

@@ -603,8 +603,10 @@ class SqliteLedger:
         out = []
         for r in rows:
             values = tuple(r)
-            wide = [_unwide(values[i], values[i + 1]) for i in range(2, 2 + 2 * 5, 2)]
-            out.append(UsageRow(str(values[0]), int(values[1]), *wide, int(values[-1] or 0)))
+            prompt, cached, completion, reasoning, cost = (
+                _unwide(values[i], values[i + 1]) for i in range(2, 2 + 2 * 5, 2))
+            out.append(UsageRow(str(values[0]), int(values[1]), prompt, cached, completion,
+                                reasoning, cost, int(values[-1] or 0)))
         return out
 
     async def entries(self, period: str, tenant: str | None = None) -> list[LedgerEntry]:

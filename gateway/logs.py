@@ -81,18 +81,19 @@ class TextFormatter(logging.Formatter):
             self._second_text = time.strftime(self.default_time_format,
                                               self.converter(record.created))
             self._second = second
-        return self.default_msec_format % (self._second_text, record.msecs)
+        return f"{self._second_text},{int(record.msecs):03d}"  # default_msec_format
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = getattr(record, "request_id", None)
-        record.rid = f" [{request_id}]" if request_id else ""
+        extra = vars(record)  # %(rid)s and %(kv)s of the format, for this call only
+        extra["rid"] = f" [{request_id}]" if request_id else ""
         pairs = [f"{k}={_text_value(v)}" for k, v in _fields(record).items()
                  if k not in ("rid", "kv")]
-        record.kv = (" " + " ".join(pairs)) if pairs else ""
+        extra["kv"] = (" " + " ".join(pairs)) if pairs else ""
         try:
             return super().format(record)
         finally:
-            del record.rid, record.kv
+            del extra["rid"], extra["kv"]
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The line without its traceback; a message with a newline or another control

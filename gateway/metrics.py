@@ -183,7 +183,7 @@ class Metrics:
     def watch_state(self, inflight: Callable[[], int], override: Callable[[], bool]) -> None:
         self.registry.register(StateCollector(inflight, override))
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET /metrics``: refresh the budget view, then the usual text exposition."""
         if self.budget_view is not None:
             await self.budget_view.refresh()

@@ -108,7 +108,7 @@ async def migrate(conn: asyncpg.Connection) -> int:
             "CREATE TABLE IF NOT EXISTS schema_version ("
             "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
-        current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        current: int = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
         if current > len(MIGRATIONS):
             raise RuntimeError(f"database schema version {current} is newer than this "
                                f"costwall ({len(MIGRATIONS)}); upgrade costwall")

@@ -358,7 +358,7 @@ class PgWriter:
         releases = [op for op in batch if isinstance(op, ReleaseOp)]
         begins = [op for op in batch if isinstance(op, BeginOp)]
         finals = {op.entry.id: op.entry for op in batch if isinstance(op, UpsertOp)}
-        keys = {(op.period, *s) for op in [*reserves, *releases] for s in op.scopes}
+        keys = {(op.period, *s) for op in reserves + releases for s in op.scopes}
         writes = Writes()
         if not keys:  # only ledger rows: one self-committing statement
             writes.ledger(begins, list(finals.values()))

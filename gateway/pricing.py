@@ -44,9 +44,11 @@ class TierPrice:
 class ModelPrice:
     """Per-token prices of one model in pico-USD.
 
+    Cached tokens are part of the prompt: 6 × 150 000 + 4 × 75 000 + 5 × 600 000 here.
+
     >>> p = ModelPrice("m", input=150_000, cached_input=75_000, output=600_000)
     >>> p.cost(Usage(prompt_tokens=10, cached_tokens=4, completion_tokens=5))
-    3900000
+    4200000
     """
 
     name: str

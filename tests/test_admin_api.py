@@ -680,6 +680,27 @@ def test_static_files_and_html_errors(admin_stack: Stack) -> None:
     assert missing.headers["Content-Type"].startswith("text/html")
 
 
+
+def test_admin_sub_app_keeps_its_errors_and_headers_to_itself(admin_stack: Stack) -> None:
+    """The admin is a sub-app at /admin: its error shapes and headers stop at the mount."""
+    s = admin_stack
+    for path in ("/admin", "/admin/", "/admin/nothing/deeper", "/admin/api/nothing"):
+        resp = s.request("GET", path)
+        assert resp.headers["X-Frame-Options"] == "DENY", path
+        assert resp.headers["Cache-Control"] == "no-store", path
+    assert Browser(s.url).get("/admin").status == 303  # the dashboard, behind the login
+    html = s.request("GET", "/admin/nothing/deeper")  # the admin's own 404: HTML, not OpenAI's
+    assert html.status == 404 and html.headers["Content-Type"].startswith("text/html")
+    api_404 = s.request("GET", "/admin/api/nothing")
+    assert api_404.status == 404 and error_of(api_404)["code"] == "not_found"
+    assert "WWW-Authenticate" not in api_404.headers
+    for path in ("/v1/nothing", "/adminx", "/healthz"):  # outside the mount: no admin headers
+        resp = s.request("GET", path)
+        assert "X-Frame-Options" not in resp.headers and "Cache-Control" not in resp.headers, path
+    v1 = s.request("GET", "/v1/nothing")
+    assert v1.status == 404 and error_of(v1)["type"] == "invalid_request_error"
+
+
 # -- invoices ------------------------------------------------------------------------------------
 def test_invoice_downloads_for_both_roles(admin_stack: Stack) -> None:
     pytest.importorskip("admin.invoices")
