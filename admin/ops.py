@@ -9,6 +9,7 @@ override switch). Views only parse input and present results.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 from collections.abc import Awaitable, Iterable
@@ -29,13 +30,21 @@ from gateway.services import OVERRIDE_SETTING, Gateway, OverrideState
 SECRET_PREFIX = "sk-cw-"
 log = logging.getLogger("costwall.admin")
 T = TypeVar("T")
+FLUSH_TIMEOUT_S = 10.0  # a ledger that cannot flush this fast is unavailable: 503, nothing applied
 
 
 async def _commit(gw: Gateway, write: Awaitable[T]) -> T:
-    """Await a ledger write that carries its audit event; a failure applies nothing."""
+    """Await a ledger write that carries its audit event; a failure applies nothing.
+
+    The audit events of requests queued before this change are flushed first, so the trail
+    lists them before the change (it commits at once, ahead of the request writer's batches).
+    """
     try:
+        await asyncio.wait_for(gw.ledger.flush(), FLUSH_TIMEOUT_S)
         result = await write
     except Exception as exc:
+        if inspect.iscoroutine(write):
+            write.close()  # not started when the flush failed: nothing to apply
         log.error("admin change not applied: the ledger write failed: %s", type(exc).__name__)
         raise ServiceUnavailable(
             "The change was not applied: costwall could not store it together with its audit "
