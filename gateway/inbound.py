@@ -7,6 +7,7 @@ OpenAI-shaped 4xx (``gateway.errors``), never a 500.
 
 from __future__ import annotations
 
+import secrets
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -19,6 +20,7 @@ from gateway.pricing import ModelPrice
 if TYPE_CHECKING:
     from gateway.services import Gateway
 
+REQUEST_ID_KEY = web.RequestKey("costwall_request_id", str)  # set by gateway.app's middleware
 _HEADER_VALUE_MAX = 128
 _MODEL_MAX = 256
 
@@ -132,3 +134,8 @@ def attribute(request: web.Request, key: VirtualKey) -> tuple[str, str | None, s
                         "key's agents list).", param="X-Costwall-Agent",
                         code="agent_not_allowed")
     return agent, _header(request, "X-Costwall-Campaign"), _header(request, "X-Costwall-Task")
+
+
+def new_request_id() -> str:
+    """A fresh id for a request (``X-Costwall-Request-Id``, the ledger row)."""
+    return "cw-" + secrets.token_hex(12)

@@ -14,13 +14,9 @@ called from ``settle`` only: the stages above it only gather facts on the ``Call
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import re
-import secrets
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -28,84 +24,49 @@ import orjson
 from aiohttp import web
 
 from gateway.bounds import SeenResponses
-from gateway.budget import ClampRequest, Reservation, scopes_for
-from gateway.config import VirtualKey
+from gateway.budget import ClampRequest, scopes_for
+from gateway.call import Call
 from gateway.endpoints import BY_PATH, PATTERN, Endpoint
 from gateway.errors import (
     BadRequest,
     BudgetExceeded,
-    NotFound,
     ServiceUnavailable,
-    UpstreamAuthFailed,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.estimate import Estimate
 from gateway.headers import client_response_headers, redact_key, upstream_request_headers
-from gateway.inbound import attribute, read_payload, requested_override, resolve_model
+from gateway.inbound import (
+    REQUEST_ID_KEY,
+    attribute,
+    new_request_id,
+    read_payload,
+    requested_override,
+    resolve_model,
+)
 from gateway.ledger import LedgerEntry
 from gateway.money import format_usd
-from gateway.pricing import ModelPrice, Usage
+from gateway.pricing import Usage
 from gateway.services import GATEWAY, Gateway
 from gateway.settlement import LEDGER_MAX_COST, Charge, UsageSource, decide, output_items
 from gateway.tokens import count_text, encoding
+from gateway.upstream import (
+    handle_models,
+    is_stream,
+    json_or_none,
+    upstream_auth_failed,
+    upstream_timeout,
+)
 from gateway.usage import InvalidUsage, StreamMeter, usage_from_body
+
+# Imported from here by gateway.app and gateway.services.
+__all__ = ["OFFLOAD_BYTES", "REQUEST_ID_KEY", "Call", "handle_api", "new_request_id", "settle",
+           "setup_routes"]
 
 log = logging.getLogger("costwall.proxy")
 
-REQUEST_ID_KEY = web.RequestKey("costwall_request_id", str)
 OFFLOAD_BYTES = 64 * 1024  # count large prompts in a thread so the event loop keeps serving
-# A model id as OpenAI spells them (``gpt-4o``, ``ft:gpt-4o-mini:org::abc123``): no "/" or
-# "..", so the pass-through cannot reach other upstream paths with the gateway's key.
-_MODELS_PATH = re.compile(r"models(/[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255})?")
 _SEEN = "bounds.seen_responses"  # gw.extras key of this process's SeenResponses
 _NO_USAGE = Usage()
-
-
-def _nothing_to_count() -> int:
-    return 0
-
-
-@dataclass(slots=True)
-class Call:
-    """Everything known about one proxied request as it moves down the path."""
-
-    id: str
-    started: float
-    route: Endpoint
-    key: VirtualKey
-    agent: str
-    campaign: str | None
-    task: str | None
-    model: str
-    price: ModelPrice
-    payload: dict[str, Any]
-    body: bytes
-    estimate: Estimate
-    stream: bool
-    strip_usage: bool = False
-    reservation: Reservation | None = None
-    override_reason: str | None = None
-    blocked_by: BudgetExceeded | None = None  # the scope an override let this request past
-    entry: LedgerEntry | None = None
-    # Facts for settling (gateway.settlement.decide), gathered by forward and the relays.
-    sent: bool = False       # the request may have reached the upstream
-    answered: bool = False   # an answer arrived (a whole body, or a stream however it ended)
-    status: int = 0
-    reported: Usage | None = None  # the upstream's usage as parsed
-    problem: str | None = None     # why the upstream's usage could not be parsed
-    count: Callable[[], int] = _nothing_to_count  # output tokens of the answer, by counting
-    response: Any = None           # the answered response object (server-side state routes)
-    # What settling decided.
-    usage: Usage | None = None
-    usage_source: UsageSource = UsageSource.NONE
-    fee: int = 0  # built-in tool fees of the answer, pico-USD (gateway.bounds)
-    upstream_seconds: float = 0.0
-
-    @property
-    def endpoint(self) -> str:
-        """The route's name, as the ledger and the metrics label it."""
-        return self.route.name
 
 
 # -- request stages ---------------------------------------------------------------------------
@@ -225,7 +186,7 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
     """
     settings = gw.settings
     url = f"{settings.upstream_url}/{call.route.path}"
-    timeout = _timeout(call.stream, settings.upstream_timeout_s,
+    timeout = upstream_timeout(call.stream, settings.upstream_timeout_s,
                        settings.upstream_connect_timeout_s)
     headers = upstream_request_headers(request.headers.items(), settings.upstream_key)
     sent = time.perf_counter()
@@ -269,11 +230,11 @@ def body_answered(call: Call, body: bytes) -> None:
     except InvalidUsage as exc:
         call.problem = str(exc)
     if route.server_state:  # parsed once: for its id, token total, output items and text
-        call.response = _json_or_none(body)
+        call.response = json_or_none(body)
         call.count = lambda: count_text(route.answer_text(call.response),
                                         encoding(call.price.encoding))
     else:
-        call.count = lambda: count_text(route.answer_text(_json_or_none(body)),
+        call.count = lambda: count_text(route.answer_text(json_or_none(body)),
                                         encoding(call.price.encoding))
     call.answered = True
 
@@ -295,42 +256,6 @@ def relay_body(gw: Gateway, call: Call, upstream: aiohttp.ClientResponse,
     if remaining is not None:
         response.headers["X-Costwall-Budget-Remaining-Usd"] = format_usd(max(remaining, 0))
     return response
-
-
-def upstream_auth_failed(key_env: str, headers: list[tuple[str, str]]) -> web.Response:
-    """A 502 that says whose key failed: agents must not blame (or rotate) their virtual key.
-    ``x-should-retry: false``: retrying cannot help until the operator fixes the key."""
-    where = f" (environment variable {key_env})" if key_env else " (none is configured)"
-    error = UpstreamAuthFailed(
-        "The upstream API rejected costwall's own upstream key; your virtual key is fine. "
-        f"The gateway operator must fix the upstream key{where}.")
-    headers = [(k, v) for k, v in headers
-               if k.lower() not in ("content-type", "content-length", "content-encoding",
-                                    "www-authenticate")]
-    headers += [("X-Costwall-Upstream-Auth", "failed"), ("x-should-retry", "false")]
-    return web.Response(status=error.status, body=error.to_json(), headers=headers,
-                        content_type="application/json")
-
-
-def is_stream(asked: bool, content_type: str) -> bool:
-    """Relay as SSE: what says it is SSE, and whatever answers a ``stream: true`` request
-    unless it is JSON (an upstream error, or an upstream that ignored ``stream``), whose
-    usage is read from the body. Some upstreams label a stream ``text/plain``, or nothing."""
-    return content_type == "text/event-stream" or (asked and content_type != "application/json")
-
-
-@functools.lru_cache(maxsize=8)
-def _timeout(stream: bool, timeout_s: float, connect_s: float) -> aiohttp.ClientTimeout:
-    """The upstream timeouts (immutable, so one object per setting serves every request)."""
-    return aiohttp.ClientTimeout(total=None if stream else timeout_s, sock_connect=connect_s,
-                                 sock_read=timeout_s)
-
-
-def _json_or_none(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
 
 
 async def relay_stream(
@@ -451,39 +376,6 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         settle(gw, call)
         gw.metrics.child(gw.metrics.request_duration, route.name).observe(
             time.perf_counter() - call.started)
-
-
-async def handle_models(request: web.Request) -> web.StreamResponse:
-    """GET /v1/models[/id]: authenticated pass-through, costs nothing."""
-    gw = request.app[GATEWAY]
-    gw.keys.authenticate(request.headers.get("Authorization"))
-    tail = request.match_info["tail"]
-    if not _MODELS_PATH.fullmatch(tail):  # no "..": only /models[/id] upstream, never beyond
-        raise NotFound(f"Unknown endpoint GET /v1/{tail[:100]}.")
-    url = f"{gw.settings.upstream_url}/{tail}"
-    headers = upstream_request_headers(request.headers.items(), gw.settings.upstream_key)
-    try:
-        async with gw.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(
-                total=gw.settings.upstream_timeout_s)) as upstream:
-            key = gw.settings.upstream_key
-            if upstream.status == 401:  # costwall's key, not the agent's (see forward)
-                return upstream_auth_failed(gw.settings.upstream_key_env, [
-                    ("X-Costwall-Request-Id", request[REQUEST_ID_KEY])])
-            response = web.Response(status=upstream.status,
-                                    body=redact_key(await upstream.read(), key))
-            for name, value in client_response_headers(upstream.headers.items(), key):
-                response.headers.add(name, value)
-    except TimeoutError:
-        raise UpstreamTimeout("The upstream API did not answer in time.") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"The upstream API is unreachable ({type(exc).__name__}).") \
-            from None
-    response.headers["X-Costwall-Request-Id"] = request[REQUEST_ID_KEY]
-    return response
-
-
-def new_request_id() -> str:
-    return "cw-" + secrets.token_hex(12)
 
 
 def setup_routes(app: web.Application) -> None:
