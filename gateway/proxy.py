@@ -187,7 +187,7 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
     settings = gw.settings
     url = f"{settings.upstream_url}/{call.route.path}"
     timeout = upstream_timeout(call.stream, settings.upstream_timeout_s,
-                       settings.upstream_connect_timeout_s)
+                               settings.upstream_connect_timeout_s)
     headers = upstream_request_headers(request.headers.items(), settings.upstream_key)
     sent = time.perf_counter()
     call.sent = True
