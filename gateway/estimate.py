@@ -90,7 +90,10 @@ def _requested(payload: Mapping[str, Any], fields: tuple[str, ...]) -> int | Non
 
 def _clamp_field(payload: Mapping[str, Any], fields: tuple[str, ...]) -> str:
     """The field to lower when clamping: the first of ``fields`` the body has, else the first."""
-    return next((name for name in fields if name in payload), fields[0])
+    for name in fields:
+        if name in payload:
+            return name
+    return fields[0]
 
 
 def estimate_chat(payload: Mapping[str, Any], price: ModelPrice,

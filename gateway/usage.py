@@ -146,7 +146,8 @@ def usage_from_body(api: str | UsageFormat, body: bytes) -> Usage | None:
         raise InvalidUsage("the answer carries a usage but is not valid JSON") from None
     if not isinstance(data, dict):
         return None
-    return usage_format(api).parse(data.get("usage"))
+    fmt = api if isinstance(api, UsageFormat) else _BY_NAME[api]
+    return fmt.parse(data.get("usage"))
 
 
 def choices_text(data: Any) -> str:
