@@ -6,6 +6,10 @@ event's bytes untouched (no re-encoding), drops the usage-only chunk the gateway
 the client's behalf, and remembers the usage or, failing that, the streamed text so a cut
 stream can still be charged by counting.
 
+Each API family's way of reporting usage is a ``UsageFormat`` (its ``usage`` parser and the
+``StreamMeter`` method that reads one of its stream events); ``gateway.endpoints`` gives each
+route its format.
+
 Usage is never trusted blindly (``parse_*`` and ``check_usage``): every token count must be a
 non-negative JSON integer (not a bool, float or string) no larger than the request could
 possibly have produced (``UsageBounds``), cached tokens within prompt tokens, reasoning tokens
@@ -116,12 +120,18 @@ def _usage(usage: Any, prompt: str, completion: str, completion_required: bool,
 
 
 def usage_from_chat(usage: Any, endpoint: str = "chat") -> Usage | None:
-    """Chat, completions and embeddings usage (``prompt_tokens`` / ``completion_tokens``).
+    """Chat and completions usage (``prompt_tokens`` / ``completion_tokens``), both required.
 
     None when there is none (absent or null); ``InvalidUsage`` when it is malformed.
-    Embeddings report ``prompt_tokens`` only; the others always report both counts.
+    ``endpoint="embeddings"`` is ``usage_from_embeddings`` (kept for callers by name).
     """
     return _usage(usage, "prompt_tokens", "completion_tokens", endpoint != "embeddings",
+                  "prompt_tokens_details", "completion_tokens_details")
+
+
+def usage_from_embeddings(usage: Any) -> Usage | None:
+    """Embeddings usage: ``prompt_tokens`` only (there is no output)."""
+    return _usage(usage, "prompt_tokens", "completion_tokens", False,
                   "prompt_tokens_details", "completion_tokens_details")
 
 
@@ -364,12 +374,8 @@ class UsageFormat:
     event: Callable[[StreamMeter, dict[str, Any]], bool]
 
 
-def _embeddings_usage(usage: Any) -> Usage | None:
-    return usage_from_chat(usage, "embeddings")
-
-
 CHAT_USAGE = UsageFormat("chat", usage_from_chat, StreamMeter.chunk_event)
-EMBEDDINGS_USAGE = UsageFormat("embeddings", _embeddings_usage, StreamMeter.chunk_event)
+EMBEDDINGS_USAGE = UsageFormat("embeddings", usage_from_embeddings, StreamMeter.chunk_event)
 RESPONSES_USAGE = UsageFormat("responses", usage_from_responses, StreamMeter.responses_event)
 # By name, for callers that name the API (``StreamMeter("chat")``); the request path passes
 # the format of its ``gateway.endpoints`` entry.
