@@ -262,9 +262,9 @@ async def relay_stream(
     gw: Gateway, request: web.Request, call: Call, upstream: aiohttp.ClientResponse
 ) -> web.StreamResponse:
     """Relay SSE chunk by chunk as it arrives; charge what was produced however it ends."""
-    out = client_response_headers(upstream.headers.items(), gw.settings.upstream_key)
-    out += _our_headers(gw, call)
-    response = web.StreamResponse(status=upstream.status, headers=out)
+    headers = client_response_headers(upstream.headers.items(), gw.settings.upstream_key)
+    headers += _our_headers(gw, call)
+    response = web.StreamResponse(status=upstream.status, headers=headers)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     meter = StreamMeter(call.route.usage, strip_usage_chunk=call.strip_usage)

@@ -259,7 +259,8 @@ def test_never_under_what_is_known(reported: Usage | None, problem: str | None, 
     elif not answered:
         assert got.cost == RESERVED
     elif got.source is UsageSource.UPSTREAM:
-        assert got.usage == reported and got.cost >= PRICE.cost(reported)
+        assert reported is not None and got.usage == reported
+        assert got.cost >= PRICE.cost(reported)
     elif got.source in (UsageSource.COUNTED, UsageSource.INVALID) and got.usage is not None:
         assert got.cost >= PRICE.cost(Usage(EST.prompt_tokens, 0, counted))
     elif got.source in (UsageSource.INVALID, UsageSource.RESERVED):
