@@ -24,7 +24,8 @@ plus its tests. An entry needs:
 - ``server_state``: answers are stored upstream (``previous_response_id``, ``background``): the
   answered response is parsed to remember its token total, and a queued answer is charged its
   bound;
-- ``tool_fees``: built-in tools may add per-call fees (settled by ``gateway.settlement``).
+- ``tool_fees``: built-in tools may add per-call fees: its estimator may return a tool bound
+  (``Estimate.tools``), reserved at admission and settled by ``gateway.settlement``.
 """
 
 from __future__ import annotations

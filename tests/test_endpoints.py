@@ -95,6 +95,17 @@ def test_output_bound_and_clamp_field_follow_output_fields(
     assert field == next((f for f in route.output_fields if f in body), route.output_fields[0])
 
 
+def test_only_tool_fee_routes_bound_tool_fees() -> None:
+    """``tool_fees`` says which estimators may return a built-in tool bound."""
+    tools = {"tools": [{"type": "web_search"}], "web_search_options": {}}
+    bodies = {"chat/completions": {"messages": MSG}, "completions": {"prompt": "Say"},
+              "embeddings": {"input": "Say"}, "responses": {"input": "Say"}}
+    for route in ROUTES:
+        price = EMBED if route.model_kind == "embedding" else PRICE
+        est = route.estimate({"model": price.name, **bodies[route.path], **tools}, price, None, 4)
+        assert (est.tools is not None) == route.tool_fees, route.path
+
+
 def test_embeddings_have_no_output_to_bound() -> None:
     est = BY_PATH["embeddings"].estimate({"model": EMBED.name, "input": "hi"}, EMBED, None, 16)
     assert est.output_field is None and est.total_output == 0 and est.prompt_tokens > 0
