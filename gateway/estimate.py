@@ -66,61 +66,124 @@ def _prompt(counted: int, uncounted: list[Any], model: str, context: int) -> int
     return bounds.prompt_bound(counted, uncounted, model, context)
 
 
-def estimate(endpoint: str, payload: Mapping[str, Any], price: ModelPrice,
-             seen: Callable[[Any], int | None] | None = None,
-             max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS) -> Estimate:
-    """Prompt tokens and output bound of a request to ``endpoint`` for ``price``'s model.
+# The fields that bound a request's output, in the order they are read; the first one the body
+# sets is the one lowered when clamping, else the first of the list (``gateway.endpoints``).
+# Chat: every current chat model accepts max_completion_tokens (reasoning models refuse
+# max_tokens), so that is the field added when the client set none.
+CHAT_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
+COMPLETIONS_OUTPUT_FIELDS = ("max_tokens",)
+RESPONSES_OUTPUT_FIELDS = ("max_output_tokens",)
+
+# (payload, price, seen, max_tool_calls) -> Estimate; see ``estimate_responses``.
+Estimator = Callable[[Mapping[str, Any], ModelPrice, Callable[[Any], int | None] | None, int],
+                     Estimate]
+
+
+def _requested(payload: Mapping[str, Any], fields: tuple[str, ...]) -> int | None:
+    """The output bound the request sets itself: the first of ``fields`` it sets."""
+    for name in fields:
+        value = _positive_int(payload, name)
+        if value:
+            return value
+    return None
+
+
+def _clamp_field(payload: Mapping[str, Any], fields: tuple[str, ...]) -> str:
+    """The field to lower when clamping: the first of ``fields`` the body has, else the first."""
+    for name in fields:
+        if name in payload:
+            return name
+    return fields[0]
+
+
+def estimate_chat(payload: Mapping[str, Any], price: ModelPrice,
+                  seen: Callable[[Any], int | None] | None = None,
+                  max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS) -> Estimate:
+    """/v1/chat/completions: counted messages and tools, search fees, the output bound."""
+    enc = tokens.encoding(price.encoding)
+    model = _model(payload, price)
+    uncounted: list[Any] = []
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array.", param="messages")
+    counted = tokens.count_messages(messages, enc, payload.get("tools") or
+                                    payload.get("functions"), uncounted)
+    prompt = _prompt(counted, uncounted, model, price.max_input_tokens)
+    search = bounds.chat_search(payload, model, max_tool_calls)
+    if search is not None:  # the search results are read as input by the one model call
+        prompt = price.max_input_tokens
+    field = _clamp_field(payload, CHAT_OUTPUT_FIELDS)
+    requested = _requested(payload, CHAT_OUTPUT_FIELDS)
+    return Estimate(prompt, requested or price.max_output_tokens, _choices(payload), field,
+                    search)
+
+
+def estimate_completions(payload: Mapping[str, Any], price: ModelPrice,
+                         seen: Callable[[Any], int | None] | None = None,
+                         max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS) -> Estimate:
+    """/v1/completions: the prompt(s), ``max_tokens`` (default 16) per choice and prompt."""
+    if "prompt" not in payload:
+        raise BadRequest("'prompt' is required.", param="prompt")
+    prompt = tokens.count_prompt_input(payload.get("prompt"), tokens.encoding(price.encoding))
+    if isinstance(payload.get("prompt"), list) and payload["prompt"] and not all(
+        isinstance(p, int) for p in payload["prompt"]
+    ):
+        prompts = len(payload["prompt"])
+    else:
+        prompts = 1
+    requested = _requested(payload, COMPLETIONS_OUTPUT_FIELDS) or \
+        LEGACY_COMPLETIONS_DEFAULT_MAX_TOKENS
+    return Estimate(prompt, requested, _choices(payload) * prompts,
+                    COMPLETIONS_OUTPUT_FIELDS[0])
+
+
+def estimate_embeddings(payload: Mapping[str, Any], price: ModelPrice,
+                        seen: Callable[[Any], int | None] | None = None,
+                        max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS) -> Estimate:
+    """/v1/embeddings: the input tokens; no output."""
+    value = payload.get("input")
+    if value is None or value == "" or value == []:
+        raise BadRequest("'input' is required.", param="input")
+    return Estimate(tokens.count_prompt_input(value, tokens.encoding(price.encoding)), 0)
+
+
+def estimate_responses(payload: Mapping[str, Any], price: ModelPrice,
+                       seen: Callable[[Any], int | None] | None = None,
+                       max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS) -> Estimate:
+    """/v1/responses: counted input, server-side state and built-in tools.
 
     ``seen`` gives the token total of a response costwall answered itself (for
     ``previous_response_id``); ``max_tool_calls`` bounds built-in tool calls when the request
     sets no ``max_tool_calls``.
     """
-    enc = tokens.encoding(price.encoding)
+    if "input" not in payload and "previous_response_id" not in payload \
+            and "prompt" not in payload and "conversation" not in payload:
+        raise BadRequest("'input' is required.", param="input")
+    return _responses(payload, price, tokens.encoding(price.encoding), _model(payload, price),
+                      seen, max_tool_calls)
+
+
+ESTIMATORS: Mapping[str, Estimator] = {
+    "chat": estimate_chat, "completions": estimate_completions,
+    "embeddings": estimate_embeddings, "responses": estimate_responses,
+}
+
+
+def estimate(endpoint: str, payload: Mapping[str, Any], price: ModelPrice,
+             seen: Callable[[Any], int | None] | None = None,
+             max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS) -> Estimate:
+    """Prompt tokens and output bound of a request to ``endpoint`` (a route's name) for
+    ``price``'s model; for callers that name the route (tests, benches). The request path
+    calls its ``gateway.endpoints`` entry's estimator directly."""
+    estimator = ESTIMATORS.get(endpoint)
+    if estimator is None:
+        raise BadRequest(f"unsupported endpoint {endpoint!r}")
+    return estimator(payload, price, seen, max_tool_calls)
+
+
+def _model(payload: Mapping[str, Any], price: ModelPrice) -> str:
     model = payload.get("model")
-    model = model if isinstance(model, str) else price.name
-    context = price.max_input_tokens
-    uncounted: list[Any] = []
-    if endpoint == "chat":
-        messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty array.", param="messages")
-        counted = tokens.count_messages(messages, enc, payload.get("tools") or
-                                        payload.get("functions"), uncounted)
-        prompt = _prompt(counted, uncounted, model, context)
-        search = bounds.chat_search(payload, model, max_tool_calls)
-        if search is not None:  # the search results are read as input by the one model call
-            prompt = context
-        # Clamp the field the client used; if none, max_completion_tokens, which every current
-        # chat model accepts (reasoning models refuse max_tokens).
-        field = "max_tokens" if "max_tokens" in payload and "max_completion_tokens" not in \
-            payload else "max_completion_tokens"
-        requested = _positive_int(payload, "max_completion_tokens") or _positive_int(
-            payload, "max_tokens")
-        return Estimate(prompt, requested or price.max_output_tokens, _choices(payload), field,
-                        search)
-    if endpoint == "completions":
-        if "prompt" not in payload:
-            raise BadRequest("'prompt' is required.", param="prompt")
-        prompt = tokens.count_prompt_input(payload.get("prompt"), enc)
-        if isinstance(payload.get("prompt"), list) and payload["prompt"] and not all(
-            isinstance(p, int) for p in payload["prompt"]
-        ):
-            prompts = len(payload["prompt"])
-        else:
-            prompts = 1
-        requested = _positive_int(payload, "max_tokens") or LEGACY_COMPLETIONS_DEFAULT_MAX_TOKENS
-        return Estimate(prompt, requested, _choices(payload) * prompts, "max_tokens")
-    if endpoint == "embeddings":
-        value = payload.get("input")
-        if value is None or value == "" or value == []:
-            raise BadRequest("'input' is required.", param="input")
-        return Estimate(tokens.count_prompt_input(value, enc), 0)
-    if endpoint == "responses":
-        if "input" not in payload and "previous_response_id" not in payload \
-                and "prompt" not in payload and "conversation" not in payload:
-            raise BadRequest("'input' is required.", param="input")
-        return _responses(payload, price, enc, model, seen, max_tool_calls)
-    raise BadRequest(f"unsupported endpoint {endpoint!r}")
+    return model if isinstance(model, str) else price.name
 
 
 def _responses(payload: Mapping[str, Any], price: ModelPrice, enc: Any, model: str,
@@ -155,24 +218,6 @@ def _responses(payload: Mapping[str, Any], price: ModelPrice, enc: Any, model: s
     if tools is not None:
         # Each built-in tool call makes the model read its whole context again.
         prompt += tools.calls * context
-    requested = _positive_int(payload, "max_output_tokens")
-    return Estimate(prompt, requested or price.max_output_tokens, 1, "max_output_tokens", tools)
-
-
-def counted_output(endpoint: str, data: Any, enc_name: str) -> int:
-    """Output tokens counted from a non-streaming response that carried no usage."""
-    enc = tokens.encoding(enc_name)
-    texts: list[str] = []
-    if isinstance(data, Mapping):
-        for choice in data.get("choices") or ():
-            if isinstance(choice, Mapping):
-                message = choice.get("message")
-                if isinstance(message, Mapping) and isinstance(message.get("content"), str):
-                    texts.append(message["content"])
-                if isinstance(choice.get("text"), str):
-                    texts.append(choice["text"])
-        for item in data.get("output") or ():
-            for part in (item.get("content") or ()) if isinstance(item, Mapping) else ():
-                if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-    return tokens.count_text("".join(texts), enc)
+    requested = _requested(payload, RESPONSES_OUTPUT_FIELDS)
+    return Estimate(prompt, requested or price.max_output_tokens, 1, RESPONSES_OUTPUT_FIELDS[0],
+                    tools)

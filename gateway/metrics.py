@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.budget import ScopeStatus
+from gateway.endpoints import NAMES as ENDPOINT_NAMES
 from gateway.money import PICO_PER_USD, to_usd
 from gateway.pricing import Usage
 
@@ -159,7 +160,7 @@ class Metrics:
         # overshoot or invalid usage (a series born at 1 has no increase to show).
         for scope in ("global", "tenant", "agent", "campaign", "key"):
             self.overshoot.labels(scope)
-        for endpoint in ("chat", "completions", "embeddings", "responses"):
+        for endpoint in ENDPOINT_NAMES:
             self.usage_invalid.labels(endpoint)
         self.budget_view: BudgetView | None = None
         self._expose = make_aiohttp_handler(r)

@@ -30,7 +30,7 @@ from gateway.money import PICO_PER_USD, format_usd
 from gateway.pricing import PriceTable
 
 if TYPE_CHECKING:
-    from gateway.proxy import Call
+    from gateway.call import Call
 
 OVERRIDE_SETTING = "override.global"
 access_log = logging.getLogger("costwall.access")

@@ -6,6 +6,10 @@ event's bytes untouched (no re-encoding), drops the usage-only chunk the gateway
 the client's behalf, and remembers the usage or, failing that, the streamed text so a cut
 stream can still be charged by counting.
 
+Each API family's way of reporting usage is a ``UsageFormat`` (its ``usage`` parser and the
+``StreamMeter`` method that reads one of its stream events); ``gateway.endpoints`` gives each
+route its format.
+
 Usage is never trusted blindly (``parse_*`` and ``check_usage``): every token count must be a
 non-negative JSON integer (not a bool, float or string) no larger than the request could
 possibly have produced (``UsageBounds``), cached tokens within prompt tokens, reasoning tokens
@@ -16,7 +20,7 @@ fails is ``InvalidUsage``: the request path then charges by counting instead.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -116,12 +120,18 @@ def _usage(usage: Any, prompt: str, completion: str, completion_required: bool,
 
 
 def usage_from_chat(usage: Any, endpoint: str = "chat") -> Usage | None:
-    """Chat, completions and embeddings usage (``prompt_tokens`` / ``completion_tokens``).
+    """Chat and completions usage (``prompt_tokens`` / ``completion_tokens``), both required.
 
     None when there is none (absent or null); ``InvalidUsage`` when it is malformed.
-    Embeddings report ``prompt_tokens`` only; the others always report both counts.
+    ``endpoint="embeddings"`` is ``usage_from_embeddings`` (kept for callers by name).
     """
     return _usage(usage, "prompt_tokens", "completion_tokens", endpoint != "embeddings",
+                  "prompt_tokens_details", "completion_tokens_details")
+
+
+def usage_from_embeddings(usage: Any) -> Usage | None:
+    """Embeddings usage: ``prompt_tokens`` only (there is no output)."""
+    return _usage(usage, "prompt_tokens", "completion_tokens", False,
                   "prompt_tokens_details", "completion_tokens_details")
 
 
@@ -131,11 +141,12 @@ def usage_from_responses(usage: Any) -> Usage | None:
                   "input_tokens_details", "output_tokens_details")
 
 
-def usage_from_body(endpoint: str, body: bytes) -> Usage | None:
+def usage_from_body(api: str | UsageFormat, body: bytes) -> Usage | None:
     """Usage of a non-streaming response body, or None if it has none or is not JSON.
 
-    Raises ``InvalidUsage`` when a usage is there but malformed, including a body that
-    mentions ``"usage"`` but is not JSON that parses (orjson refuses integers past 64 bits).
+    ``api`` is a ``UsageFormat`` (or its name). Raises ``InvalidUsage`` when a usage is there
+    but malformed, including a body that mentions ``"usage"`` but is not JSON that parses
+    (orjson refuses integers past 64 bits).
     """
     if b'"usage"' not in body:
         return None
@@ -145,9 +156,38 @@ def usage_from_body(endpoint: str, body: bytes) -> Usage | None:
         raise InvalidUsage("the answer carries a usage but is not valid JSON") from None
     if not isinstance(data, dict):
         return None
-    if endpoint == "responses":
-        return usage_from_responses(data.get("usage"))
-    return usage_from_chat(data.get("usage"), endpoint)
+    fmt = api if isinstance(api, UsageFormat) else _BY_NAME[api]
+    return fmt.parse(data.get("usage"))
+
+
+def choices_text(data: Any) -> str:
+    """The text of a Chat Completions or legacy Completions answer (for counting)."""
+    texts: list[str] = []
+    if isinstance(data, Mapping):
+        for choice in data.get("choices") or ():
+            if isinstance(choice, Mapping):
+                message = choice.get("message")
+                if isinstance(message, Mapping) and isinstance(message.get("content"), str):
+                    texts.append(message["content"])
+                if isinstance(choice.get("text"), str):
+                    texts.append(choice["text"])
+    return "".join(texts)
+
+
+def output_text(data: Any) -> str:
+    """The text of a Responses API answer's ``output`` items (for counting)."""
+    texts: list[str] = []
+    if isinstance(data, Mapping):
+        for item in data.get("output") or ():
+            for part in (item.get("content") or ()) if isinstance(item, Mapping) else ():
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+    return "".join(texts)
+
+
+def no_text(data: Any) -> str:
+    """Answers with no generated text (embeddings): nothing to count."""
+    return ""
 
 
 # Two line terminators in a row (LF, CRLF or a lone CR each): the blank line ending an event.
@@ -187,8 +227,10 @@ class StreamMeter:
     'hi'
     """
 
-    def __init__(self, endpoint: str, strip_usage_chunk: bool = False):
-        self.endpoint = endpoint
+    def __init__(self, api: str | UsageFormat, strip_usage_chunk: bool = False):
+        self.format = usage_format(api)
+        # Bound once: one call per event, no dispatch on the API's name.
+        self._event: Callable[[dict[str, Any]], bool] = self.format.event.__get__(self)
         self.strip_usage_chunk = strip_usage_chunk
         self.usage: Usage | None = None
         self.response: Mapping[str, Any] | None = None  # /v1/responses: the final response
@@ -262,12 +304,13 @@ class StreamMeter:
             return True
         if not isinstance(obj, dict):  # ``dict``, not ``Mapping``: parsed JSON, and an ABC
             return True               # check per event costs more than the rest of this
-        if self.endpoint == "responses":
-            self._responses_event(obj)
-            return True
+        return self._event(obj)
+
+    def chunk_event(self, obj: dict[str, Any]) -> bool:
+        """A Chat Completions / Completions chunk: ``usage`` and ``choices`` text."""
         usage = obj.get("usage")
         if usage is not None:
-            self._take(usage_from_chat, usage, self.endpoint)
+            self._take(self.format.parse, usage)
             if self.strip_usage_chunk and not obj.get("choices"):
                 return False
         for choice in obj.get("choices") or ():
@@ -298,18 +341,48 @@ class StreamMeter:
         if usage is not None:
             self.usage, self.invalid = usage, None
 
-    def _responses_event(self, obj: Mapping[str, Any]) -> None:
+    def responses_event(self, obj: dict[str, Any]) -> bool:
+        """A Responses API event: text deltas, and the final response with its usage."""
         kind = obj.get("type")
         if not isinstance(kind, str):
-            return
+            return True
         if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
             self.texts.append(obj["delta"])
         elif kind.encode() in _RESPONSES_FINAL:
             response = obj.get("response")
             if isinstance(response, dict):
                 self.response = response
-                self._take(usage_from_responses, response.get("usage"))
+                self._take(self.format.parse, response.get("usage"))
+        return True
 
     @property
     def streamed_text(self) -> str:
         return "".join(self.texts)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFormat:
+    """How one API reports usage: its ``usage`` object, and the events of its streams.
+
+    ``parse`` turns a ``usage`` object into a ``Usage`` (None when absent, ``InvalidUsage`` when
+    malformed); ``event`` is the ``StreamMeter`` method that reads one parsed stream event and
+    says whether it may reach the client.
+    """
+
+    name: str
+    parse: Callable[[Any], Usage | None]
+    event: Callable[[StreamMeter, dict[str, Any]], bool]
+
+
+CHAT_USAGE = UsageFormat("chat", usage_from_chat, StreamMeter.chunk_event)
+EMBEDDINGS_USAGE = UsageFormat("embeddings", usage_from_embeddings, StreamMeter.chunk_event)
+RESPONSES_USAGE = UsageFormat("responses", usage_from_responses, StreamMeter.responses_event)
+# By name, for callers that name the API (``StreamMeter("chat")``); the request path passes
+# the format of its ``gateway.endpoints`` entry.
+_BY_NAME = {"chat": CHAT_USAGE, "completions": CHAT_USAGE, "embeddings": EMBEDDINGS_USAGE,
+            "responses": RESPONSES_USAGE}
+
+
+def usage_format(api: str | UsageFormat) -> UsageFormat:
+    """``api`` itself, or the format of that name."""
+    return api if isinstance(api, UsageFormat) else _BY_NAME[api]
