@@ -553,7 +553,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
             override_reason=call.override_reason,
         )
         try:
-            await gw.ledger.begin(call.entry)
+            await gw.ledger.begin(call.entry, call.reservation)
         except Exception as exc:
             call.entry = None
             # One line, no traceback: a full disk would otherwise flood the log per request.

@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway import journal as journal_module
-from gateway import ledger_sqlite
-from gateway.journal import Journal
-from gateway.ledger_sqlite import SqliteLedger, _row
+from gateway.store import journal as journal_module
+from gateway.store import sqlite as ledger_sqlite
+from gateway.store.journal import Journal
+from gateway.store.sqlite import SqliteLedger, _row
 from tests.test_ledger_contract import entry, settled
 
 

@@ -2,8 +2,8 @@
 
 The ``Ledger`` contract of ``gateway.ledger`` on asyncpg: a connection pool (``ledger.
 pool_size``) for reads and admin writes, and one writer connection that group-commits the
-request path (``gateway.pg_writer``). Admin writes also ``NOTIFY costwall_changes`` so other
-replicas reload them at once (``gateway.pg_sync``).
+request path (``gateway.store.pg_writer``). Admin writes also ``NOTIFY costwall_changes`` so other
+replicas reload them at once (``gateway.store.pg_sync``).
 
 Each process is a *replica* with a unique id stored on its rows. It heartbeats in
 ``replicas``; a replica not seen for ``reclaim_after_s`` (killed with ``kill -9``, lost its
@@ -30,7 +30,8 @@ import orjson
 
 from gateway.audit import Anchor, AuditRow, PendingEvent
 from gateway.audit_verify import anchor_from
-from gateway.budget import ScopeKey
+from gateway.budget import Reservation, ScopeKey
+from gateway.budget_rules import in_scope_sql
 from gateway.ledger import (
     COLUMNS,
     GROUP_BY,
@@ -40,16 +41,16 @@ from gateway.ledger import (
     fold_overshoot,
     fold_spend,
 )
-from gateway.pg_schema import migrate
-from gateway.pg_writer import (
+from gateway.store.pg_schema import migrate
+from gateway.store.pg_writer import (
     BeginOp,
     PgWriter,
     UpsertOp,
+    UsageHook,
     UsageKey,
     apply_release,
     claim_crossings,
     lock_usage,
-    pending_reservation,
     write_usage,
 )
 
@@ -64,9 +65,7 @@ _INSERT_AUDIT = ("INSERT INTO audit_events (ts, kind, data, replica) SELECT t, k
                  "ORDER BY o")
 _COST = "CASE WHEN state = 'pending' THEN reserved ELSE cost END"
 # Which ledger rows belong to a scope, for the first spend of a new budget row.
-_IN_SCOPE = ("CASE k.scope WHEN 'global' THEN true WHEN 'tenant' THEN r.tenant = k.id "
-             "WHEN 'agent' THEN r.agent = k.id WHEN 'key' THEN r.key_name = k.id "
-             "WHEN 'campaign' THEN r.campaign = k.id ELSE false END")
+_IN_SCOPE = in_scope_sql("r", "k")  # generated from the one definition (gateway.budget_rules)
 
 
 def replica_id() -> str:
@@ -83,14 +82,15 @@ class PostgresLedger:
 
     def __init__(self, url: str, pool_size: int = 10, replica: str | None = None,
                  reclaim_after_s: float = 10.0, heartbeat_s: float = 1.0,
-                 op_timeout_s: float = 5.0, **_: Any):
+                 op_timeout_s: float = 5.0, hook: UsageHook | None = None):
         self.url = url
         self.pool_size = pool_size
         self.replica = replica or replica_id()
         self.reclaim_after_s = reclaim_after_s
         self.heartbeat_s = heartbeat_s
         self.op_timeout_s = op_timeout_s
-        self.writer = PgWriter(self._connect, self.replica)
+        # ``hook``: the shared budgets' mirror, told about every committed budget change.
+        self.writer = PgWriter(self._connect, self.replica, hook)
         self._pool: asyncpg.Pool | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         # Request-path audit events waiting for their INSERT (a task drains them in batches).
@@ -163,10 +163,10 @@ class PostgresLedger:
     async def _wait(self, fut: asyncio.Future[Any]) -> Any:
         return await asyncio.wait_for(fut, self.op_timeout_s)
 
-    async def begin(self, entry: LedgerEntry) -> None:
+    async def begin(self, entry: LedgerEntry, reservation: Reservation | None = None) -> None:
         entry.replica = self.replica
-        rid = pending_reservation.get()
-        pending_reservation.set(None)
+        # The pending row is linked to the reservation the shared budgets hold for it.
+        rid = reservation.hold if reservation is not None else None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.writer.put(BeginOp(entry, rid, fut))
         await self._wait(fut)
@@ -281,7 +281,7 @@ class PostgresLedger:
         """At start: reclaim replicas that died (this one's id is new, so it has nothing)."""
         return await self.reclaim()
 
-    # -- shared budget rows (used by gateway.budget_pg) --------------------------------------
+    # -- shared budget rows (used by gateway.store.pg_budgets) ------------------------------
     async def usage_rows(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
         """(spent, reserved) of every budget row of a period."""
         rows = await self.pool.fetch(

@@ -10,7 +10,7 @@ lets run beside the writer. The thread checkpoints the WAL (RESTART) every
 ``CHECKPOINT_EVERY`` commits, so the WAL stays small under a steady stream of requests.
 
 With ``synchronous=NORMAL`` (the default) ``begin`` does not wait for a commit: it appends
-the pending row to the journal (``gateway.journal``: one ``os.write``, which survives a
+the pending row to the journal (``gateway.store.journal``: one ``os.write``, which survives a
 process crash or ``kill -9``), queues the insert for the writer and returns. Waiting for the
 commit was most of costwall's added latency. ``recover`` settles the journal's rows that never
 reached the database, so a request that reached the upstream is still never lost or
@@ -42,8 +42,7 @@ import aiosqlite
 from gateway.audit import Anchor, AuditRow, PendingEvent
 from gateway.audit_store import key_file
 from gateway.audit_verify import anchor_from
-from gateway.budget import ScopeKey
-from gateway.journal import Journal
+from gateway.budget import Reservation, ScopeKey
 from gateway.ledger import (
     COLUMNS,
     GROUP_BY,
@@ -53,6 +52,7 @@ from gateway.ledger import (
     fold_overshoot,
     fold_spend,
 )
+from gateway.store.journal import Journal
 
 log = logging.getLogger("costwall.ledger")
 
@@ -368,8 +368,7 @@ def _entry(row: aiosqlite.Row) -> LedgerEntry:
 class SqliteLedger:
     """The embedded ledger. One process owns the file; see ``gateway.ledger`` for the contract."""
 
-    def __init__(self, path: str | Path, synchronous: str = "NORMAL", replica: str = "local",
-                 **_: Any):
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL", replica: str = "local"):
         self.path = Path(path)
         self.synchronous = synchronous
         self.replica = replica
@@ -501,7 +500,7 @@ class SqliteLedger:
         if self._lost is not None:
             raise self._lost
 
-    async def begin(self, entry: LedgerEntry) -> None:
+    async def begin(self, entry: LedgerEntry, reservation: Reservation | None = None) -> None:
         entry.replica = self.replica
         row = _row(entry)
         writer = self._writer

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -32,12 +31,6 @@ from gateway.ledger import COLUMNS, LedgerEntry
 log = logging.getLogger("costwall.ledger")
 
 UsageKey = tuple[str, str, str]  # (period, scope, id)
-
-# The reservation the current request task took last; ``PostgresLedger.begin`` links the
-# request's pending row to it (the Ledger interface passes only the entry). The request path
-# always reserves and then begins in the same task, so a context variable carries it exactly.
-pending_reservation: ContextVar[str | None] = ContextVar("costwall_pending_reservation",
-                                                         default=None)
 
 _TYPES = {
     "id": "text", "ts": "timestamptz", "period": "text", "tenant": "text", "key_name": "text",
@@ -173,8 +166,6 @@ Op = ReserveOp | ReleaseOp | BeginOp | UpsertOp
 class UsageHook(Protocol):
     """What the shared budget engine learns from each committed transaction."""
 
-    replica: str
-
     def crossings(self, before: Mapping[UsageKey, int],
                   rows: Mapping[UsageKey, ScopeState]) -> list[Crossing]:
         """Warn thresholds passed between ``before`` (spent) and ``rows`` (now)."""
@@ -253,11 +244,11 @@ class PgWriter:
     """Owns one connection and commits queued request-path writes in batches."""
 
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], replica: str,
-                 max_batch: int = 512):
+                 hook: UsageHook | None = None, max_batch: int = 512):
         self._connect = connect
         self.replica = replica
         self.max_batch = max_batch
-        self.hook: UsageHook | None = None
+        self.hook = hook
         self._conn: asyncpg.Connection | None = None
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
         self._idle = asyncio.Event()
