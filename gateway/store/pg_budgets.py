@@ -113,6 +113,7 @@ class SharedBudgets:
 
     def __init__(self, ledger: PostgresLedger, mirror: Mirror, policy: Admission):
         self.ledger = ledger
+        self.replica = ledger.replica
         self.mirror = mirror
         self.policy = policy
         books = self.books = mirror.books
