@@ -194,7 +194,7 @@ async def _run(backend: str, url: str, concurrency: int, seconds: float, start_a
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - began
     await ledger.flush()
-    writer = getattr(ledger, "writer", None)
+    writer = getattr(getattr(ledger, "writer", None), "writes", None)
     batch = writer.ops / writer.batches if writer and writer.batches else None
     await ledger.close()
     return {"done": done, "elapsed": elapsed, "latencies": latencies, "batch": batch}

@@ -27,6 +27,7 @@ import orjson
 from gateway.budget import Crossing, Reservation, ScopeKey, ScopeState
 from gateway.errors import BudgetExceeded
 from gateway.ledger import COLUMNS, LedgerEntry
+from gateway.store.group_commit import GroupCommit, resolve
 
 log = logging.getLogger("costwall.ledger")
 
@@ -250,52 +251,20 @@ class PgWriter:
         self.max_batch = max_batch
         self.hook = hook
         self._conn: asyncpg.Connection | None = None
-        self._queue: asyncio.Queue[Op] = asyncio.Queue()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task: asyncio.Task[None] | None = None
-        self.batches = 0  # statistics for benchmarks
-        self.ops = 0
+        self.writes: GroupCommit[Op] = GroupCommit(self._process, max_batch,
+                                                   "costwall-pg-writer")
+        self.put = self.writes.put
+        self.flush = self.writes.flush  # wait until every queued write is committed
 
     async def start(self) -> None:
         self._conn = await self._connect()
-        self._task = asyncio.create_task(self._loop(), name="costwall-pg-writer")
+        self.writes.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            await self.flush()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.writes.close()
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-
-    def put(self, op: Op) -> None:
-        self._queue.put_nowait(op)
-
-    async def flush(self) -> None:
-        """Wait until every queued write is committed."""
-        while not self._queue.empty() or not self._idle.is_set():
-            await self._idle.wait()
-            await asyncio.sleep(0)
-
-    async def _loop(self) -> None:
-        while True:
-            first = await self._queue.get()
-            self._idle.clear()
-            batch = [first]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._process(batch)
-            except Exception:  # never let the writer die; the ops are reported failed
-                log.exception("ledger writer: unexpected failure")
-            self.batches += 1
-            self.ops += len(batch)
-            if self._queue.empty():
-                self._idle.set()
 
     async def _process(self, batch: list[Op]) -> None:
         """Commit a batch; retry while the database is away; isolate a bad operation."""
@@ -336,8 +305,8 @@ class PgWriter:
 
     def _fail(self, op: Op, exc: BaseException) -> None:
         log.error("ledger write failed (%s): %s", type(op).__name__, exc)
-        if isinstance(op, ReserveOp | BeginOp) and not op.future.done():
-            op.future.set_exception(exc)
+        if isinstance(op, ReserveOp | BeginOp):
+            resolve(op.future, exc)
         elif isinstance(op, ReleaseOp) and op.tracked and self.hook is not None:
             self.hook.committed({}, [op], [])
 
@@ -395,15 +364,15 @@ class PgWriter:
                     self.put(ReleaseOp(op.rid, op.period, result.scopes, result.amount, 0,
                                        tracked=False))
             elif isinstance(result, BudgetExceeded):
-                op.future.set_exception(result)
+                resolve(op.future, result)
             else:
-                op.future.set_result(result)
+                resolve(op.future, None, result)
         for begin in outcome.begins:
             if begin.future.done():  # never forwarded: close the row at no cost
                 self.put(UpsertOp(replace(begin.entry, state="settled", cost=0,
                                           usage_source="none")))
             else:
-                begin.future.set_result(None)
+                resolve(begin.future, None)
         if self.hook is not None:
             self.hook.committed(outcome.rows, outcome.releases, outcome.crossings)
 

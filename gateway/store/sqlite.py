@@ -25,7 +25,6 @@ them, so a read still sees every begun row.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -52,6 +51,7 @@ from gateway.ledger import (
     fold_overshoot,
     fold_spend,
 )
+from gateway.store.group_commit import GroupCommit, resolve
 from gateway.store.journal import Journal
 
 log = logging.getLogger("costwall.ledger")
@@ -374,9 +374,9 @@ class SqliteLedger:
         self.replica = replica
         self._writer: _WriteConnection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[Write]
-        self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
+        self._writes: GroupCommit[Write] = GroupCommit(self._commit_batch, _BATCH,
+                                                       "costwall-ledger-writer")
+        self._put = self._writes.put
         # synchronous=NORMAL only: see the module docstring.
         # Always there to recover a previous run's segments; written only with NORMAL.
         self._journal = Journal(self.path)
@@ -392,13 +392,11 @@ class SqliteLedger:
             # SQLite must create the WAL and its shared-memory file beside the database;
             # opening a WAL database in a read-only directory is the one way to a SIGBUS.
             raise PermissionError(f"the ledger directory {self.path.parent} is not writable")
-        self._queue = asyncio.Queue()
         self._writer = _WriteConnection(self.path, self.synchronous)
         await self._writer.open()
         await self._writer.migrate(MIGRATIONS)
         self._reader = await self._connect()
-        self._idle.set()
-        self._task = asyncio.create_task(self._write_loop(), name="costwall-ledger-writer")
+        self._writes.start()
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -409,60 +407,45 @@ class SqliteLedger:
         return conn
 
     async def close(self) -> None:
-        if self._task is not None:
+        if self._writes.running:
             await self.flush()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            await self._writes.close()
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.close()
         self._writer = self._reader = None
 
     # -- the writer --------------------------------------------------------------------------
-    async def _write_loop(self) -> None:
+    async def _commit_batch(self, batch: list[Write]) -> None:
+        """Commit a batch (``GroupCommit``); if it fails, each write alone, so one bad write
+        fails only its own caller. Then tell the journal and the waiters."""
         assert self._writer is not None
-        while True:
-            first = await self._queue.get()
-            self._idle.clear()
-            batch = [first]
-            while len(batch) < _BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._commit(batch)
-                outcomes: list[BaseException | None] = [None] * len(batch)
-            except Exception:
-                outcomes = []
-                for item in batch:
-                    try:
-                        await self._commit([item])
-                        outcomes.append(None)
-                    except Exception as exc:
-                        log.error("ledger write failed: %s", exc)
-                        outcomes.append(exc)
-            self._healthy = all(error is None for error in outcomes)
-            for (_sql, _params, fut, seq), error in zip(batch, outcomes, strict=True):
-                if seq is not None:
-                    if error is None:
-                        self._journal.committed(seq)
-                    else:  # the row stays in its journal segment for the next recovery
-                        self._journal.keep(seq)
-                        self._journal.committed(seq)
-                if fut is not None and not fut.done():
-                    if error is None:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(error)
-            self._commits += 1
-            if self._commits >= CHECKPOINT_EVERY:
-                self._commits = 0
+        try:
+            await self._commit(batch)
+            outcomes: list[BaseException | None] = [None] * len(batch)
+        except Exception:
+            outcomes = []
+            for item in batch:
                 try:
-                    await self._writer.checkpoint()
+                    await self._commit([item])
+                    outcomes.append(None)
                 except Exception as exc:
-                    log.warning("ledger checkpoint failed: %s", exc)
-            if self._queue.empty():
-                self._idle.set()
+                    log.error("ledger write failed: %s", exc)
+                    outcomes.append(exc)
+        self._healthy = all(error is None for error in outcomes)
+        for (_sql, _params, fut, seq), error in zip(batch, outcomes, strict=True):
+            if seq is not None:
+                if error is not None:  # the row stays in its journal segment for recovery
+                    self._journal.keep(seq)
+                self._journal.committed(seq)
+            resolve(fut, error)
+        self._commits += 1
+        if self._commits >= CHECKPOINT_EVERY:
+            self._commits = 0
+            try:
+                await self._writer.checkpoint()
+            except Exception as exc:
+                log.warning("ledger checkpoint failed: %s", exc)
 
     async def _commit(self, batch: list[Write]) -> None:
         assert self._writer is not None
@@ -472,13 +455,11 @@ class SqliteLedger:
 
     async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((sql, params, fut, None))
+        self._put((sql, params, fut, None))
         await fut
 
     async def flush(self) -> None:
-        while not self._queue.empty() or not self._idle.is_set():
-            await self._idle.wait()
-            await asyncio.sleep(0)
+        await self._writes.flush()
         self._journal.settle_all()
 
     # -- the request path --------------------------------------------------------------------
@@ -507,17 +488,17 @@ class SqliteLedger:
         if writer is None or writer.closed:
             raise sqlite3.ProgrammingError("the ledger's write connection is closed")
         self._check_storage()
-        if self._journaling and self._healthy and self._queue.qsize() < _BACKLOG:
+        if self._journaling and self._healthy and self._writes.qsize() < _BACKLOG:
             seq = self._journal.append(row)  # durable against a crash from here on
-            self._queue.put_nowait((_INSERT_PENDING, row, None, seq))
+            self._put((_INSERT_PENDING, row, None, seq))
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((_INSERT_PENDING, row, fut, None))
+        self._put((_INSERT_PENDING, row, fut, None))
         await fut
 
     def settle(self, entry: LedgerEntry) -> None:
         entry.replica = self.replica
-        self._queue.put_nowait((_UPSERT, _row(entry), None, None))
+        self._put((_UPSERT, _row(entry), None, None))
 
     async def recover(self) -> int:
         """Settle what a crash left: journaled rows missing from the file and pending rows."""
@@ -553,7 +534,7 @@ class SqliteLedger:
     async def ping(self) -> bool:
         # Ready means writes can land: the writer task is alive and the file answers a read
         # (``SELECT 1`` alone would succeed without touching the database file).
-        if self._task is None or self._task.done():
+        if not self._writes.running:
             return False
         # Never a new connection here: opening a WAL database whose directory turned
         # read-only is what can map its ``-shm`` badly. Two ``access`` calls say whether
@@ -704,7 +685,7 @@ class SqliteLedger:
     # -- the audit trail's queue and anchor (gateway.audit) ------------------------------------
     def audit(self, row: AuditRow) -> None:
         """Queue an audit event for the writer's next batch (never waits, never raises)."""
-        self._queue.put_nowait((_INSERT_AUDIT, (row.ts, row.kind, row.data), None, None))
+        self._put((_INSERT_AUDIT, (row.ts, row.kind, row.data), None, None))
 
     async def audit_secret(self) -> bytes:
         """The chain's key, kept beside the database in ``audit.key`` (0600)."""
