@@ -1,8 +1,8 @@
 """Storage: the ledger's backends behind small interfaces, opened from the settings.
 
-``open_store(settings)`` is the one place that turns the ``database`` URL into a backend and
-wires it, through constructor arguments only: SQLite (``gateway.store.sqlite``, the embedded
-default) with the in-memory budgets (``gateway.budget.BudgetEngine``), or PostgreSQL
+``open_store(settings)`` turns the ``database`` URL (``gateway.store.urls.backend_of``) into
+a backend and wires it, through constructor arguments only: SQLite (``gateway.store.sqlite``,
+the embedded default) with the in-memory budgets (``gateway.budget.BudgetEngine``), or PostgreSQL
 (``gateway.store.postgres``, shared by replicas) with the shared budgets
 (``gateway.store.pg_budgets.SharedBudgets``) whose mirror the ledger's writer reports to.
 The interfaces are in ``gateway.store.interfaces``; docs/architecture.md says where a new
@@ -17,31 +17,17 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from gateway.budget import Admission, BudgetEngine, Budgets, Crossing
 from gateway.store.interfaces import AdminState, AuditQueue, Ledger, Reports, RequestLog
+from gateway.store.urls import backend_of, sqlite_path
+
+__all__ = ["Store", "backend_of", "open_ledger", "open_store"]
 
 if TYPE_CHECKING:
     from gateway.config import Settings
     from gateway.services import Gateway
-
-Backend = Literal["sqlite", "postgresql"]
-_SCHEMES: dict[str, Backend] = {"sqlite:///": "sqlite", "postgresql://": "postgresql",
-                                "postgres://": "postgresql"}
-
-
-def backend_of(url: str) -> Backend:
-    """Which backend serves a ``database`` URL (the one place that decides).
-
-    >>> backend_of("sqlite:///data/costwall.db"), backend_of("postgres://db/costwall")
-    ('sqlite', 'postgresql')
-    """
-    for scheme, backend in _SCHEMES.items():
-        if url.startswith(scheme):
-            return backend
-    raise ValueError(f"unsupported database URL {url!r}")
-
 
 def open_ledger(url: str, *, synchronous: str = "NORMAL", pool_size: int = 10,
                 reclaim_after_s: float = 10.0, heartbeat_s: float = 1.0) -> Ledger:
@@ -50,7 +36,7 @@ def open_ledger(url: str, *, synchronous: str = "NORMAL", pool_size: int = 10,
     if backend_of(url) == "sqlite":
         from gateway.store.sqlite import SqliteLedger
 
-        return SqliteLedger(url.removeprefix("sqlite:///"), synchronous)
+        return SqliteLedger(sqlite_path(url), synchronous)
     from gateway.store.postgres import PostgresLedger
 
     return PostgresLedger(url, pool_size=pool_size, reclaim_after_s=reclaim_after_s,
@@ -100,8 +86,7 @@ def open_store(settings: Settings, clock: Callable[[], datetime] | None = None,
     if backend_of(settings.database) == "sqlite":
         from gateway.store.sqlite import SqliteLedger
 
-        ledger = SqliteLedger(settings.database.removeprefix("sqlite:///"),
-                              settings.db_synchronous)
+        ledger = SqliteLedger(sqlite_path(settings.database), settings.db_synchronous)
         budgets = BudgetEngine(b.limits, b.tz, b.warn_at, ledger.spend_by_scope,
                                policy.near_cap, policy.min_output_tokens, clock)
         return Store(ledger, budgets)
