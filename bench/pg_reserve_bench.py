@@ -8,7 +8,7 @@ waits before it can be forwarded.
 
 Backends:
   sqlite          in-memory BudgetEngine + SQLite ledger (single process by design)
-  pg              SharedBudgetEngine + PostgreSQL ledger, batched writer (the shipped design)
+  pg              SharedBudgets + PostgreSQL ledger, batched writer (the shipped design)
   pg-simple       the simple design: per request, one transaction on its own pooled
                   connection locks the scope rows (in order), checks and increments them and
                   writes the pending row; settling is a second such transaction. Every

@@ -1,9 +1,10 @@
 """PostgreSQL ledger: one database shared by every gateway replica.
 
-The ``Ledger`` contract of ``gateway.ledger`` on asyncpg: a connection pool (``ledger.
-pool_size``) for reads and admin writes, and one writer connection that group-commits the
-request path (``gateway.store.pg_writer``). Admin writes also ``NOTIFY costwall_changes`` so other
-replicas reload them at once (``gateway.store.pg_sync``).
+The ``Ledger`` contract of ``gateway.store.interfaces`` on asyncpg: a connection pool
+(``ledger.pool_size``) for reads and admin writes, and one writer connection that
+group-commits the request path (``gateway.store.pg_writer``). Admin writes also ``NOTIFY
+costwall_changes`` so other replicas reload them at once (``gateway.store.pg_sync``).
+Reports and the audit queue are in ``pg_reports`` and ``pg_audit``.
 
 Each process is a *replica* with a unique id stored on its rows. It heartbeats in
 ``replicas``; a replica not seen for ``reclaim_after_s`` (killed with ``kill -9``, lost its
@@ -64,7 +65,7 @@ def replica_id() -> str:
 
 
 class PostgresLedger(PgReports, PgAuditQueue):
-    """The shared ledger; see ``gateway.ledger.Ledger`` for the contract."""
+    """The shared ledger; see ``gateway.store.interfaces`` for the contract."""
 
     def __init__(self, url: str, pool_size: int = 10, replica: str | None = None,
                  reclaim_after_s: float = 10.0, heartbeat_s: float = 1.0,

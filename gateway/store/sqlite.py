@@ -68,7 +68,7 @@ IDENTITY_CHECK_S = 0.2  # ``begin`` re-checks that the database file is still th
 
 
 class SqliteLedger(SqliteReports):
-    """The embedded ledger. One process owns the file; see ``gateway.ledger`` for the contract."""
+    """The embedded ledger. One process owns the file; see ``gateway.store.interfaces``."""
 
     def __init__(self, path: str | Path, synchronous: str = "NORMAL", replica: str = "local"):
         self.path = Path(path)
