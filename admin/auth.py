@@ -30,8 +30,8 @@ from multidict import MultiDictProxy
 from admin.errors import AdminClosed, BadInput, NotAuthenticated, RateLimited, ReadOnly, TooLarge
 from admin.sessions import Session, SessionSigner, is_revoked, shared_secret
 from gateway.config import AdminSettings, Settings
-from gateway.ledger import Ledger
 from gateway.services import GATEWAY
+from gateway.store.interfaces import Ledger
 
 log = logging.getLogger("costwall.admin")
 

@@ -43,8 +43,10 @@ from admin.pdf_sandbox import (  # re-exported: the invoice API in one place
 )
 from gateway.budget import period_of
 from gateway.config import Settings
-from gateway.ledger import Ledger, LedgerEntry, open_ledger
+from gateway.ledger import LedgerEntry
 from gateway.money import PICO_PER_USD, format_usd
+from gateway.store import open_ledger
+from gateway.store.interfaces import Ledger
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PICO_PER_CENT = PICO_PER_USD // 100

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from admin import validate
 from admin.errors import BadInput, Conflict, Missing
-from gateway.budget import ScopeKey, ScopeStatus
+from gateway.budget import ScopeKey, ScopeStatus, WarnRule
 from gateway.config import hash_key
 from gateway.errors import ServiceUnavailable
 from gateway.ledger import KeyRecord, UsageRow
@@ -91,12 +91,12 @@ class ScopeView:
 AT_CAP = Decimal("0.98")
 
 
-def level(status: ScopeStatus, warn_at: tuple[Decimal, ...]) -> str:
+def level(status: ScopeStatus, rule: WarnRule) -> str:
     """``over`` at the cap (98% spent or reserved: little fits any more), ``warn`` past the
-    first warn_at threshold, else ``ok``."""
+    first warn_at threshold (the budgets' own rule), else ``ok``."""
     if status.spent + status.reserved >= AT_CAP * status.limit:
         return "over"
-    if warn_at and status.spent >= warn_at[0] * status.limit:
+    if rule.warns(status.spent, status.limit):
         return "warn"
     return "ok"
 
@@ -110,7 +110,7 @@ async def scopes(gw: Gateway) -> tuple[str, list[ScopeView]]:
     order = {"global": 0, "tenant": 1, "agent": 2, "campaign": 3, "key": 4}
     views = [
         ScopeView(s, "admin" if (s.scope, s.id) in admin_caps else "config",
-                  level(s, gw.budgets.warn_at), over.get((s.scope, s.id), (0, 0)))
+                  level(s, gw.budgets.rule), over.get((s.scope, s.id), (0, 0)))
         for s in gw.budgets.status(period)
     ]
     views.sort(key=lambda v: (order.get(v.status.scope, 9), v.status.id))

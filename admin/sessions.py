@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from gateway.ledger import Ledger
+from gateway.store.interfaces import Ledger
 
 VERSION = "v1"
 SECRET_SETTING = "admin.session_secret"

@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from admin.invoices import build_invoice, render_csv, render_pdf
 from gateway.config import Settings
-from gateway.ledger import Ledger, LedgerEntry
-from gateway.ledger_sqlite import SqliteLedger
+from gateway.ledger import LedgerEntry
+from gateway.store.interfaces import Ledger
+from gateway.store.sqlite import SqliteLedger
 
 PERIOD = "2026-10"
 MODELS = ["gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o4-mini", "gpt-5", "text-embedding-3-small"]

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.ledger import COLUMNS, LedgerEntry
-from gateway.ledger_sqlite import SqliteLedger, _row
+from gateway.store.sqlite import SqliteLedger, _row
 
 
 def entry(i: int) -> LedgerEntry:

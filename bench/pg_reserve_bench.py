@@ -8,7 +8,7 @@ waits before it can be forwarded.
 
 Backends:
   sqlite          in-memory BudgetEngine + SQLite ledger (single process by design)
-  pg              SharedBudgetEngine + PostgreSQL ledger, batched writer (the shipped design)
+  pg              SharedBudgets + PostgreSQL ledger, batched writer (the shipped design)
   pg-simple       the simple design: per request, one transaction on its own pooled
                   connection locks the scope rows (in order), checks and increments them and
                   writes the pending row; settling is a second such transaction. Every
@@ -43,7 +43,8 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.budget import GLOBAL, BudgetEngine, scopes_for
-from gateway.ledger import LedgerEntry, open_ledger
+from gateway.ledger import LedgerEntry
+from gateway.store import open_ledger
 
 SERVER = os.environ.get("COSTWALL_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 CAP = 10**21  # $1e9: admission runs on every request and never refuses
@@ -73,7 +74,7 @@ class SimpleDesign:
                                               max_size=self.pool_size)
 
     async def book(self) -> None:
-        from gateway.ledger_pg import PostgresLedger
+        from gateway.store.postgres import PostgresLedger
 
         ledger = PostgresLedger(self.url, pool_size=1)
         await ledger.start()
@@ -84,8 +85,8 @@ class SimpleDesign:
         self._amount = amount
         return _Res(PERIOD, amount)
 
-    async def begin(self, e: LedgerEntry) -> None:
-        from gateway.pg_writer import Writes, lock_usage
+    async def begin(self, e: LedgerEntry, reservation: Any = None) -> None:
+        from gateway.store.pg_writer import Writes, lock_usage
 
         assert self.pool is not None
         async with self.pool.acquire() as conn, conn.transaction():
@@ -107,7 +108,7 @@ class SimpleDesign:
             task.add_done_callback(self.tasks.discard)
 
     async def _settle(self, e: LedgerEntry) -> None:
-        from gateway.pg_writer import Writes, lock_usage
+        from gateway.store.pg_writer import Writes, lock_usage
 
         assert self.pool is not None
         async with self.pool.acquire() as conn, conn.transaction():
@@ -151,11 +152,14 @@ async def _engine(backend: str, url: str, concurrency: int) -> tuple[Any, Any]:
         await ledger.start()
         return BudgetEngine(LIMITS, ZoneInfo("UTC"), [Decimal("0.8")],
                             ledger.spend_by_scope), ledger
-    from gateway.budget_pg import SharedBudgetEngine
+    from gateway.budget import Admission, Books
+    from gateway.store.pg_budgets import Mirror, SharedBudgets
+    from gateway.store.postgres import PostgresLedger
 
-    ledger = open_ledger(url, pool_size=2)
-    await ledger.start()
-    return SharedBudgetEngine(ledger, LIMITS, ZoneInfo("UTC"), [Decimal("0.8")]), ledger
+    mirror = Mirror(Books(LIMITS, ZoneInfo("UTC"), [Decimal("0.8")], lambda: datetime.now(UTC)))
+    pg = PostgresLedger(url, pool_size=2, hook=mirror)
+    await pg.start()
+    return SharedBudgets(pg, mirror, Admission()), pg
 
 
 async def _run(backend: str, url: str, concurrency: int, seconds: float, start_at: float,
@@ -178,7 +182,7 @@ async def _run(backend: str, url: str, concurrency: int, seconds: float, start_a
                             tenant="acme", key_name="acme-content", agent="content",
                             campaign=None, task=None, model="gpt-4o-mini", endpoint="chat",
                             reserved=res.amount)
-            await ledger.begin(e)
+            await ledger.begin(e, res)
             latencies.append(time.perf_counter() - t)
             engine.settle(res, UNIT // 2)
             ledger.settle(replace(e, state="settled", status=200, cost=UNIT // 2,
@@ -190,7 +194,7 @@ async def _run(backend: str, url: str, concurrency: int, seconds: float, start_a
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - began
     await ledger.flush()
-    writer = getattr(ledger, "writer", None)
+    writer = getattr(getattr(ledger, "writer", None), "writes", None)
     batch = writer.ops / writer.batches if writer and writer.batches else None
     await ledger.close()
     return {"done": done, "elapsed": elapsed, "latencies": latencies, "batch": batch}

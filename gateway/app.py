@@ -22,18 +22,18 @@ from prometheus_client import CollectorRegistry
 from admin.app import PREFIX as ADMIN_PREFIX
 from admin.app import create_admin_app
 from gateway.audit import AuditTrail
-from gateway.budget import BudgetEngine
+from gateway.budget import Crossing
 from gateway.config import Settings
 from gateway.errors import GatewayError, NotFound
 from gateway.forecast_service import setup_forecast
 from gateway.keys import KeyRing
-from gateway.ledger import open_ledger
 from gateway.logs import REQUEST_ID
 from gateway.metrics import BudgetView, Metrics
 from gateway.ops import setup_ops
 from gateway.pricing import PriceTable, load_price_table
 from gateway.proxy import REQUEST_ID_KEY, new_request_id, setup_routes
 from gateway.services import GATEWAY, OVERRIDE_SETTING, Gateway, OverrideState
+from gateway.store import open_store
 
 log = logging.getLogger("costwall")
 access_log = logging.getLogger("costwall.access")
@@ -73,7 +73,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         REQUEST_ID.reset(token)
 
 
-def _resources(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
+def _resources(gw: Gateway, follow: Callable[[Gateway], asyncio.Task[None]] | None
+               ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await gw.ledger.start()
         await gw.audit.start()  # writes the stored backlog to the files in the background
@@ -91,11 +92,8 @@ def _resources(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
             await gw.budgets.set_limit(key, limit)
         gw.keys.reload(await gw.ledger.keys())
         await gw.budgets.book()
-        feed = None
-        if _shared(gw.settings):  # admin changes on other replicas reach this one
-            from gateway import pg_sync
-
-            feed = pg_sync.start(gw)
+        # Admin changes made on other replicas reach this one (shared stores only).
+        feed = follow(gw) if follow is not None else None
         gw.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=gw.settings.upstream_max_connections,
                                            limit_per_host=0, ttl_dns_cache=300),
@@ -126,36 +124,17 @@ def build_gateway(
         if problems:
             raise ValueError("price table problems:\n" + "\n".join(problems))
     clock = clock or (lambda: datetime.now(UTC))
-    ledger = open_ledger(settings.database, synchronous=settings.db_synchronous,
-                         pool_size=settings.db_pool_size,
-                         reclaim_after_s=settings.db_reclaim_after_s)
-    budgets: BudgetEngine
-    if _shared(settings):  # replicas share one hard cap: admission happens in PostgreSQL
-        from gateway.budget_pg import SharedBudgetEngine
 
-        budgets = SharedBudgetEngine(
-            ledger, settings.budgets.limits, settings.budgets.tz,  # type: ignore[arg-type]
-            settings.budgets.warn_at, settings.budgets.near_cap,
-            settings.budgets.min_output_tokens, clock)
-    else:
-        budgets = BudgetEngine(
-            settings.budgets.limits, settings.budgets.tz, settings.budgets.warn_at,
-            ledger.spend_by_scope, settings.budgets.near_cap,
-            settings.budgets.min_output_tokens, clock,
-        )
+    def report_crossings(crossings: list[Crossing]) -> None:
+        gw.record_crossings(crossings)  # ``gw`` is built below, before the store starts
+
+    store = open_store(settings, clock, report_crossings)
     metrics = Metrics(registry)
-    metrics.watch_budgets(BudgetView(budgets))
-    gw = Gateway(settings, prices, ledger, budgets, KeyRing(settings.keys),
-                 AuditTrail(settings.logs_dir, clock, ledger, tz=settings.budgets.tz), metrics,
-                 clock)
-    if _shared(settings):
-        budgets.on_crossings = gw.record_crossings  # type: ignore[attr-defined]
+    metrics.watch_budgets(BudgetView(store.budgets))
+    gw = Gateway(settings, prices, store.ledger, store.budgets, KeyRing(settings.keys),
+                 AuditTrail(settings.logs_dir, clock, store.audit, tz=settings.budgets.tz),
+                 metrics, clock, follow=store.follow)
     return gw
-
-
-def _shared(settings: Settings) -> bool:
-    """PostgreSQL: several replicas may share this database (and its budgets)."""
-    return settings.database.startswith(("postgresql://", "postgres://"))
 
 
 def create_app(settings: Settings, **parts: object) -> web.Application:
@@ -169,7 +148,7 @@ def create_app(settings: Settings, **parts: object) -> web.Application:
                           client_max_size=settings.max_body_bytes,
                           handler_args={"keepalive_timeout": settings.header_timeout_s})
     app[GATEWAY] = gw
-    app.cleanup_ctx.append(_resources(gw))
+    app.cleanup_ctx.append(_resources(gw, gw.follow))
     app.cleanup_ctx.append(setup_forecast(gw))
     setup_routes(app)
     setup_ops(app)

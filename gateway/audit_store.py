@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gateway.audit import Anchor
 from gateway.audit_verify import anchor_from
+from gateway.store.urls import backend_of, sqlite_path
 
 KEY_ENV = "COSTWALL_AUDIT_KEY"
 
@@ -55,8 +56,8 @@ def read_state(database: str) -> AuditState:
     env = os.environ.get(KEY_ENV, "")
     env_key = env.encode() if env else None
     try:
-        if database.startswith("sqlite:///"):
-            return _sqlite(Path(database.removeprefix("sqlite:///")), env_key)
+        if backend_of(database) == "sqlite":
+            return _sqlite(sqlite_path(database), env_key)
         return asyncio.run(_postgres(database, env_key))
     except Exception as exc:  # an unreachable database is a problem to report, not a crash
         return AuditState(env_key, None, 0, f"cannot read the audit anchor from the "

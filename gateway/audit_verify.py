@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.audit import (
+from gateway.audit_chain import (
     ARCHIVE,
     FILES,
     GENESIS,
@@ -38,7 +38,7 @@ from gateway.audit import (
 )
 
 if TYPE_CHECKING:
-    from gateway.audit import Anchor
+    from gateway.audit_chain import Anchor
 
 _MAC = b',"mac":"'
 
@@ -246,7 +246,7 @@ def _table_problem(path: Path, kind: str, expected: list[tuple[Any, str]]) -> st
 
 def anchor_from(values: Mapping[str, Any]) -> Anchor:
     """An ``Anchor`` from a database row (``count``, ``head``, ``sizes`` JSON, ``key_id``)."""
-    from gateway.audit import Anchor
+    from gateway.audit_chain import Anchor
 
     return Anchor(int(values["count"]), str(values["head"]),
                   {str(k): int(v) for k, v in orjson.loads(values["sizes"] or "{}").items()},

@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from gateway.money import format_usd
+
 
 class GatewayError(Exception):
     """An error the gateway itself answers with, in OpenAI's ``{"error": {...}}`` shape."""
@@ -110,13 +112,9 @@ class BudgetExceeded(GatewayError):
     ):
         self.scope, self.scope_id, self.period = scope, scope_id, period
         self.limit, self.spent, self.reserved, self.estimate = limit, spent, reserved, estimate
-        from gateway.budget import describe  # circular at import time only
-
-        super().__init__(describe(self))
+        super().__init__(describe_budget(self))
 
     def body(self) -> dict[str, Any]:
-        from gateway.money import format_usd
-
         body = super().body()
         body["budget"] = {
             "scope": self.scope,
@@ -138,3 +136,12 @@ class UpstreamAuthFailed(GatewayError):
     status = 502
     type = "upstream_error"
     code = "upstream_auth_failed"
+
+
+def describe_budget(exc: BudgetExceeded) -> str:
+    """One sentence for the 402 message and the blocked-executions log."""
+    return (
+        f"Budget exceeded for {exc.scope} '{exc.scope_id}' in {exc.period}: limit "
+        f"${format_usd(exc.limit)}, spent ${format_usd(exc.spent)}, reserved "
+        f"${format_usd(exc.reserved)}; this request needs up to ${format_usd(exc.estimate)}."
+    )

@@ -29,8 +29,8 @@ from prometheus_client.registry import Collector
 
 from gateway.budget import GLOBAL, ScopeKey
 from gateway.forecast import MonthClock, Projection, daily_from_rows, iso, project
-from gateway.ledger import Ledger
 from gateway.money import format_usd, to_usd
+from gateway.store.interfaces import Ledger
 
 log = logging.getLogger("costwall.forecast")
 # Reading a month's entries costs ~70 µs a row and stalls the event loop up to ~3 ms per

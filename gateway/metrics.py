@@ -29,7 +29,7 @@ from gateway.money import PICO_PER_USD, to_usd
 from gateway.pricing import Usage
 
 if TYPE_CHECKING:
-    from gateway.budget import BudgetEngine
+    from gateway.budget import Budgets
 
 log = logging.getLogger("costwall.metrics")
 
@@ -54,7 +54,7 @@ class BudgetView:
     shown as zero.
     """
 
-    def __init__(self, budgets: BudgetEngine, min_interval: float = 1.0, timeout: float = 5.0):
+    def __init__(self, budgets: Budgets, min_interval: float = 1.0, timeout: float = 5.0):
         self.budgets = budgets
         self.min_interval = min_interval
         self.timeout = timeout

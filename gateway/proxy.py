@@ -156,7 +156,7 @@ async def record_pending(gw: Gateway, call: Call) -> None:
         override_reason=call.override_reason,
     )
     try:
-        await gw.ledger.begin(call.entry)
+        await gw.ledger.begin(call.entry, call.reservation)
     except Exception as exc:
         call.entry = None
         # One line, no traceback: a full disk would otherwise flood the log per request.

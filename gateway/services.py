@@ -8,6 +8,7 @@ touches a file), so it cannot change a request's answer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -20,14 +21,14 @@ import orjson
 from aiohttp import web
 
 from gateway.audit import AuditRow, AuditTrail
-from gateway.budget import BudgetEngine, Crossing
+from gateway.budget import Budgets, Crossing
 from gateway.config import Settings
 from gateway.errors import BudgetExceeded
 from gateway.keys import KeyRing
-from gateway.ledger import Ledger
 from gateway.metrics import Metrics
 from gateway.money import PICO_PER_USD, format_usd
 from gateway.pricing import PriceTable
+from gateway.store.interfaces import Ledger
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -75,7 +76,7 @@ class Gateway:
     settings: Settings
     prices: PriceTable
     ledger: Ledger
-    budgets: BudgetEngine
+    budgets: Budgets
     keys: KeyRing
     audit: AuditTrail
     metrics: Metrics
@@ -84,6 +85,8 @@ class Gateway:
     session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set at startup
     inflight: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    # Starts the task that follows admin changes made by other replicas (shared stores).
+    follow: Callable[[Gateway], asyncio.Task[None]] | None = None
 
     # -- label hygiene: only configured names become metric labels ----------------------------
     def agent_label(self, agent: str) -> str:

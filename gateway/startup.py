@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config import Settings, is_loopback_url
 from gateway.pricing import PriceTable, load_price_table
+from gateway.store.urls import backend_of
 
 
 class StartupError(Exception):
@@ -38,7 +39,10 @@ def load_prices(settings: Settings) -> PriceTable:
 def require_database_driver(database: str) -> None:
     """A postgresql:// URL needs the optional asyncpg driver (imported here, once, so a broken
     install is caught too)."""
-    if not database.startswith(("postgresql://", "postgres://")):
+    try:
+        if backend_of(database) != "postgresql":
+            return
+    except ValueError:  # not a database URL at all: configuration checks report it
         return
     try:
         importlib.import_module("asyncpg")

@@ -1,7 +1,7 @@
 """kill -9 with requests in flight: every forwarded request is in the ledger after restart.
 
 With ``synchronous=NORMAL`` a request's pending row may be only in the ledger's journal when
-the process dies (``gateway.journal``); the restart's recovery must find it either way.
+the process dies (``gateway.store.journal``); the restart's recovery must find it either way.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 
 from gateway.fake_upstream import FakeUpstreamState, start_fake_upstream
-from gateway.journal import Journal
+from gateway.store.journal import Journal
 from tests.harness import KEYS, LoopThread, ServeProcess, http_request, test_env, write_config
 
 

@@ -40,8 +40,9 @@ from admin.invoices import (
     render_pdf,
 )
 from gateway.budget import period_of
-from gateway.ledger import Ledger, LedgerEntry
+from gateway.ledger import LedgerEntry
 from gateway.money import to_pico, to_usd
+from gateway.store.interfaces import Ledger
 from tests.harness import ROOT, Stack
 from tests.harness import test_env as harness_env
 

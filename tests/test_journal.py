@@ -11,24 +11,24 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway import journal as journal_module
-from gateway import ledger_sqlite
-from gateway.journal import Journal
-from gateway.ledger_sqlite import SqliteLedger, _row
+from gateway.store import journal as journal_module
+from gateway.store import sqlite as ledger_sqlite
+from gateway.store.journal import Journal
+from gateway.store.sqlite import SqliteLedger, _row
 from tests.test_ledger_contract import entry, settled
 
 
 async def _stop_writer(ledger: SqliteLedger) -> None:
-    assert ledger._task is not None
-    ledger._task.cancel()
+    assert ledger._writes._task is not None
+    ledger._writes._task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await ledger._task
-    ledger._task = None
+        await ledger._writes._task
+    ledger._writes._task = None
 
 
 async def _crash(ledger: SqliteLedger) -> None:
     """As if the process died now: the writer stops, nothing is flushed or deleted."""
-    if ledger._task is not None:
+    if ledger._writes._task is not None:
         await _stop_writer(ledger)
     for conn in (ledger._writer, ledger._reader):
         if conn is not None:

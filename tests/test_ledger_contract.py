@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from gateway.budget import GLOBAL
-from gateway.ledger import KeyRecord, Ledger, LedgerEntry, open_ledger
+from gateway.ledger import KeyRecord, LedgerEntry
+from gateway.store import open_ledger
+from gateway.store.interfaces import Ledger
 from tests import pg
 
 T0 = datetime(2026, 11, 3, 9, 30, tzinfo=UTC)

@@ -18,18 +18,18 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.budget import GLOBAL, Crossing, Reservation, ScopeKey, scopes_for
-from gateway.budget_pg import SharedBudgetEngine
+from gateway.budget import GLOBAL, Admission, Books, Crossing, Reservation, ScopeKey, scopes_for
 from gateway.errors import BudgetExceeded
 from gateway.ledger import LedgerEntry
-from gateway.ledger_pg import PostgresLedger
+from gateway.store.pg_budgets import Mirror, SharedBudgets
+from gateway.store.postgres import PostgresLedger
 from tests import pg
 
 NOW = datetime(2026, 11, 15, 12, tzinfo=UTC)
 PERIOD = "2026-11"
 UNIT = 1_000_000  # pico-USD per request in these tests
 RECLAIM_S = 1.0
-Replica = Callable[..., Awaitable[SharedBudgetEngine]]
+Replica = Callable[..., Awaitable[SharedBudgets]]
 
 
 @pytest.fixture
@@ -37,14 +37,18 @@ async def replica() -> AsyncIterator[Replica]:
     """``await replica(limits)``: a started engine + ledger on the test's database."""
     pg.require()
     url = await pg.create_database()
-    made: list[SharedBudgetEngine] = []
+    made: list[SharedBudgets] = []
 
-    async def make(limits: dict[ScopeKey, int], warn_at: tuple[str, ...] = ("0.8",)
-                   ) -> SharedBudgetEngine:
-        ledger = PostgresLedger(url, pool_size=2, reclaim_after_s=RECLAIM_S, heartbeat_s=0.2)
+    async def make(limits: dict[ScopeKey, int], warn_at: tuple[str, ...] = ("0.8",),
+                   on_crossings: Callable[[list[Crossing]], None] | None = None
+                   ) -> SharedBudgets:
+        # Wired as gateway.store.open_store does: mirror, ledger reporting to it, budgets.
+        mirror = Mirror(Books(limits, ZoneInfo("UTC"), [Decimal(w) for w in warn_at],
+                              lambda: NOW), on_crossings)
+        ledger = PostgresLedger(url, pool_size=2, reclaim_after_s=RECLAIM_S, heartbeat_s=0.2,
+                                hook=mirror)
         await ledger.start()
-        engine = SharedBudgetEngine(ledger, limits, ZoneInfo("UTC"),
-                                    [Decimal(w) for w in warn_at], clock=lambda: NOW)
+        engine = SharedBudgets(ledger, mirror, Admission())
         await engine.book()
         made.append(engine)
         return engine
@@ -63,7 +67,7 @@ def entry(n: int, reservation: Reservation, tenant: str = "acme") -> LedgerEntry
                        model="gpt-4o-mini", endpoint="chat", reserved=reservation.amount)
 
 
-async def request(engine: SharedBudgetEngine, n: int, cost: int, tenant: str = "acme",
+async def request(engine: SharedBudgets, n: int, cost: int, tenant: str = "acme",
                   campaign: str | None = None, hold: float = 0.0) -> bool:
     """The request path's calls in its order: reserve, begin, (forward), settle."""
     try:
@@ -72,7 +76,7 @@ async def request(engine: SharedBudgetEngine, n: int, cost: int, tenant: str = "
     except BudgetExceeded:
         return False
     e = entry(n, res, tenant)
-    await engine.ledger.begin(e)
+    await engine.ledger.begin(e, res)
     await asyncio.sleep(hold)
     engine.settle(res, cost)
     engine.ledger.settle(replace(e, state="settled", status=200, cost=cost,
@@ -80,14 +84,14 @@ async def request(engine: SharedBudgetEngine, n: int, cost: int, tenant: str = "
     return True
 
 
-async def usage(*engines: SharedBudgetEngine) -> dict[ScopeKey, tuple[int, int]]:
+async def usage(*engines: SharedBudgets) -> dict[ScopeKey, tuple[int, int]]:
     """The budget rows once every replica's queued writes are committed."""
     for engine in engines:
         await engine.ledger.flush()
     return await engines[0].ledger.usage_rows(PERIOD)
 
 
-async def reclaimed(engine: SharedBudgetEngine, dead: SharedBudgetEngine,
+async def reclaimed(engine: SharedBudgets, dead: SharedBudgets,
                     timeout: float = 5.0) -> None:
     """Wait until ``dead`` was reclaimed (by any live replica's housekeeping)."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -97,7 +101,7 @@ async def reclaimed(engine: SharedBudgetEngine, dead: SharedBudgetEngine,
         await asyncio.sleep(0.1)
 
 
-async def crash(engine: SharedBudgetEngine) -> None:
+async def crash(engine: SharedBudgets) -> None:
     """Stop the replica's heartbeat as a kill -9 would; its rows stay as they are."""
     task = engine.ledger._housekeeping
     assert task is not None
@@ -138,11 +142,11 @@ async def test_dead_replica_is_reclaimed_at_reserved_cost(replica: Replica) -> N
     forwarded = []
     for n in range(2):  # reached the upstream: pending rows exist
         res = await a.reserve([GLOBAL], UNIT)
-        await a.ledger.begin(entry(n, res))
+        await a.ledger.begin(entry(n, res), res)
         forwarded.append(res)
     await a.reserve([GLOBAL], UNIT)  # reserved, crashed before its pending row
     done = await a.reserve([GLOBAL], UNIT)  # settled normally before the crash
-    await a.ledger.begin(entry(9, done))
+    await a.ledger.begin(entry(9, done), done)
     a.settle(done, UNIT // 4)
     a.ledger.settle(replace(entry(9, done), state="settled", cost=UNIT // 4))
     await a.ledger.flush()
@@ -165,7 +169,7 @@ async def test_late_settlement_of_a_reclaimed_reservation_is_not_counted_twice(
         replica: Replica) -> None:
     a, b = await replica({GLOBAL: 10 * UNIT}), await replica({GLOBAL: 10 * UNIT})
     res = await a.reserve([GLOBAL], UNIT)
-    await a.ledger.begin(entry(1, res))
+    await a.ledger.begin(entry(1, res), res)
     await crash(a)  # a stalls (not dead): b reclaims it
     await reclaimed(b, a)
     assert [r.cost for r in await b.ledger.entries(PERIOD)] == [UNIT]
@@ -188,10 +192,9 @@ async def test_a_cap_added_on_one_replica_counts_the_others_at_once(replica: Rep
 
 async def test_warn_crossing_is_reported_once_across_replicas(replica: Replica) -> None:
     limits = {GLOBAL: 20 * UNIT}
-    a, b = await replica(limits, ("0.5", "0.9")), await replica(limits, ("0.5", "0.9"))
     seen: list[tuple[str, Crossing]] = []
-    a.on_crossings = lambda cs: seen.extend(("a", c) for c in cs)
-    b.on_crossings = lambda cs: seen.extend(("b", c) for c in cs)
+    a = await replica(limits, ("0.5", "0.9"), lambda cs: seen.extend(("a", c) for c in cs))
+    b = await replica(limits, ("0.5", "0.9"), lambda cs: seen.extend(("b", c) for c in cs))
     await asyncio.gather(*(request((a, b)[n % 2], n, UNIT) for n in range(20)))
     await a.ledger.flush()
     await b.ledger.flush()

@@ -19,7 +19,8 @@ PROJECT = ("gateway", "admin")
 # network, a database or a web framework is not: that belongs at the edges.
 PURE_MODULES = (
     "gateway.money", "gateway.pricing", "gateway.tokens", "gateway.estimate", "gateway.usage",
-    "gateway.headers", "gateway.budget", "gateway.bounds", "gateway.errors",
+    "gateway.headers", "gateway.budget", "gateway.budget_rules", "gateway.bounds",
+    "gateway.errors", "gateway.endpoints", "gateway.settlement", "gateway.forecast",
     "admin.fmt", "admin.charts", "admin.errors",
 )
 # Network, database, web and process libraries (a module or any submodule of it).

@@ -21,10 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.budget import GLOBAL
 from gateway.estimate import Estimate, estimate
-from gateway.ledger import COLUMNS, Ledger
-from gateway.ledger_sqlite import SqliteLedger, _row
+from gateway.ledger import COLUMNS
 from gateway.money import format_usd, to_pico
 from gateway.pricing import Usage
+from gateway.store.interfaces import Ledger
+from gateway.store.sqlite import SqliteLedger, _row
 from gateway.tokens import count_text, encoding
 from gateway.usage import (
     DEFAULT_CONTEXT_TOKENS,

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -28,16 +27,11 @@ import orjson
 from gateway.budget import Crossing, Reservation, ScopeKey, ScopeState
 from gateway.errors import BudgetExceeded
 from gateway.ledger import COLUMNS, LedgerEntry
+from gateway.store.group_commit import GroupCommit, resolve
 
 log = logging.getLogger("costwall.ledger")
 
 UsageKey = tuple[str, str, str]  # (period, scope, id)
-
-# The reservation the current request task took last; ``PostgresLedger.begin`` links the
-# request's pending row to it (the Ledger interface passes only the entry). The request path
-# always reserves and then begins in the same task, so a context variable carries it exactly.
-pending_reservation: ContextVar[str | None] = ContextVar("costwall_pending_reservation",
-                                                         default=None)
 
 _TYPES = {
     "id": "text", "ts": "timestamptz", "period": "text", "tenant": "text", "key_name": "text",
@@ -173,8 +167,6 @@ Op = ReserveOp | ReleaseOp | BeginOp | UpsertOp
 class UsageHook(Protocol):
     """What the shared budget engine learns from each committed transaction."""
 
-    replica: str
-
     def crossings(self, before: Mapping[UsageKey, int],
                   rows: Mapping[UsageKey, ScopeState]) -> list[Crossing]:
         """Warn thresholds passed between ``before`` (spent) and ``rows`` (now)."""
@@ -253,58 +245,26 @@ class PgWriter:
     """Owns one connection and commits queued request-path writes in batches."""
 
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], replica: str,
-                 max_batch: int = 512):
+                 hook: UsageHook | None = None, max_batch: int = 512):
         self._connect = connect
         self.replica = replica
         self.max_batch = max_batch
-        self.hook: UsageHook | None = None
+        self.hook = hook
         self._conn: asyncpg.Connection | None = None
-        self._queue: asyncio.Queue[Op] = asyncio.Queue()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task: asyncio.Task[None] | None = None
-        self.batches = 0  # statistics for benchmarks
-        self.ops = 0
+        self.writes: GroupCommit[Op] = GroupCommit(self._process, max_batch,
+                                                   "costwall-pg-writer")
+        self.put = self.writes.put
+        self.flush = self.writes.flush  # wait until every queued write is committed
 
     async def start(self) -> None:
         self._conn = await self._connect()
-        self._task = asyncio.create_task(self._loop(), name="costwall-pg-writer")
+        self.writes.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            await self.flush()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.writes.close()
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-
-    def put(self, op: Op) -> None:
-        self._queue.put_nowait(op)
-
-    async def flush(self) -> None:
-        """Wait until every queued write is committed."""
-        while not self._queue.empty() or not self._idle.is_set():
-            await self._idle.wait()
-            await asyncio.sleep(0)
-
-    async def _loop(self) -> None:
-        while True:
-            first = await self._queue.get()
-            self._idle.clear()
-            batch = [first]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._process(batch)
-            except Exception:  # never let the writer die; the ops are reported failed
-                log.exception("ledger writer: unexpected failure")
-            self.batches += 1
-            self.ops += len(batch)
-            if self._queue.empty():
-                self._idle.set()
 
     async def _process(self, batch: list[Op]) -> None:
         """Commit a batch; retry while the database is away; isolate a bad operation."""
@@ -345,8 +305,8 @@ class PgWriter:
 
     def _fail(self, op: Op, exc: BaseException) -> None:
         log.error("ledger write failed (%s): %s", type(op).__name__, exc)
-        if isinstance(op, ReserveOp | BeginOp) and not op.future.done():
-            op.future.set_exception(exc)
+        if isinstance(op, ReserveOp | BeginOp):
+            resolve(op.future, exc)
         elif isinstance(op, ReleaseOp) and op.tracked and self.hook is not None:
             self.hook.committed({}, [op], [])
 
@@ -404,15 +364,15 @@ class PgWriter:
                     self.put(ReleaseOp(op.rid, op.period, result.scopes, result.amount, 0,
                                        tracked=False))
             elif isinstance(result, BudgetExceeded):
-                op.future.set_exception(result)
+                resolve(op.future, result)
             else:
-                op.future.set_result(result)
+                resolve(op.future, None, result)
         for begin in outcome.begins:
             if begin.future.done():  # never forwarded: close the row at no cost
                 self.put(UpsertOp(replace(begin.entry, state="settled", cost=0,
                                           usage_source="none")))
             else:
-                begin.future.set_result(None)
+                resolve(begin.future, None)
         if self.hook is not None:
             self.hook.committed(outcome.rows, outcome.releases, outcome.crossings)
 

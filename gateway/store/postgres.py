@@ -1,9 +1,10 @@
 """PostgreSQL ledger: one database shared by every gateway replica.
 
-The ``Ledger`` contract of ``gateway.ledger`` on asyncpg: a connection pool (``ledger.
-pool_size``) for reads and admin writes, and one writer connection that group-commits the
-request path (``gateway.pg_writer``). Admin writes also ``NOTIFY costwall_changes`` so other
-replicas reload them at once (``gateway.pg_sync``).
+The ``Ledger`` contract of ``gateway.store.interfaces`` on asyncpg: a connection pool
+(``ledger.pool_size``) for reads and admin writes, and one writer connection that
+group-commits the request path (``gateway.store.pg_writer``). Admin writes also ``NOTIFY
+costwall_changes`` so other replicas reload them at once (``gateway.store.pg_sync``).
+Reports and the audit queue are in ``pg_reports`` and ``pg_audit``.
 
 Each process is a *replica* with a unique id stored on its rows. It heartbeats in
 ``replicas``; a replica not seen for ``reclaim_after_s`` (killed with ``kill -9``, lost its
@@ -28,28 +29,25 @@ from typing import Any
 import asyncpg
 import orjson
 
-from gateway.audit import Anchor, AuditRow, PendingEvent
-from gateway.audit_verify import anchor_from
-from gateway.budget import ScopeKey
+from gateway.audit import AuditRow
+from gateway.budget import Reservation, ScopeKey
+from gateway.budget_rules import in_scope_sql
 from gateway.ledger import (
-    COLUMNS,
-    GROUP_BY,
     KeyRecord,
     LedgerEntry,
-    UsageRow,
-    fold_overshoot,
-    fold_spend,
 )
-from gateway.pg_schema import migrate
-from gateway.pg_writer import (
+from gateway.store.pg_audit import _INSERT_AUDIT, PgAuditQueue
+from gateway.store.pg_reports import _COST, PgReports, _int
+from gateway.store.pg_schema import migrate
+from gateway.store.pg_writer import (
     BeginOp,
     PgWriter,
     UpsertOp,
+    UsageHook,
     UsageKey,
     apply_release,
     claim_crossings,
     lock_usage,
-    pending_reservation,
     write_usage,
 )
 
@@ -57,16 +55,8 @@ log = logging.getLogger("costwall.ledger")
 
 CHANNEL = "costwall_changes"
 RECLAIM_LOCK = 0x636F7374  # advisory lock namespace for reclaiming one replica
-AUDIT_LOCK = 0x636F737461756469  # held by the one replica that writes the audit files
-_AUDIT_BATCH = 500
-_INSERT_AUDIT = ("INSERT INTO audit_events (ts, kind, data, replica) SELECT t, k, d, $4 FROM "
-                 "unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS v(t, k, d, o) "
-                 "ORDER BY o")
-_COST = "CASE WHEN state = 'pending' THEN reserved ELSE cost END"
 # Which ledger rows belong to a scope, for the first spend of a new budget row.
-_IN_SCOPE = ("CASE k.scope WHEN 'global' THEN true WHEN 'tenant' THEN r.tenant = k.id "
-             "WHEN 'agent' THEN r.agent = k.id WHEN 'key' THEN r.key_name = k.id "
-             "WHEN 'campaign' THEN r.campaign = k.id ELSE false END")
+_IN_SCOPE = in_scope_sql("r", "k")  # generated from the one definition (gateway.budget_rules)
 
 
 def replica_id() -> str:
@@ -74,23 +64,20 @@ def replica_id() -> str:
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def _int(value: Any) -> int:
-    return int(value or 0)
-
-
-class PostgresLedger:
-    """The shared ledger; see ``gateway.ledger.Ledger`` for the contract."""
+class PostgresLedger(PgReports, PgAuditQueue):
+    """The shared ledger; see ``gateway.store.interfaces`` for the contract."""
 
     def __init__(self, url: str, pool_size: int = 10, replica: str | None = None,
                  reclaim_after_s: float = 10.0, heartbeat_s: float = 1.0,
-                 op_timeout_s: float = 5.0, **_: Any):
+                 op_timeout_s: float = 5.0, hook: UsageHook | None = None):
         self.url = url
         self.pool_size = pool_size
         self.replica = replica or replica_id()
         self.reclaim_after_s = reclaim_after_s
         self.heartbeat_s = heartbeat_s
         self.op_timeout_s = op_timeout_s
-        self.writer = PgWriter(self._connect, self.replica)
+        # ``hook``: the shared budgets' mirror, told about every committed budget change.
+        self.writer = PgWriter(self._connect, self.replica, hook)
         self._pool: asyncpg.Pool | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         # Request-path audit events waiting for their INSERT (a task drains them in batches).
@@ -163,10 +150,10 @@ class PostgresLedger:
     async def _wait(self, fut: asyncio.Future[Any]) -> Any:
         return await asyncio.wait_for(fut, self.op_timeout_s)
 
-    async def begin(self, entry: LedgerEntry) -> None:
+    async def begin(self, entry: LedgerEntry, reservation: Reservation | None = None) -> None:
         entry.replica = self.replica
-        rid = pending_reservation.get()
-        pending_reservation.set(None)
+        # The pending row is linked to the reservation the shared budgets hold for it.
+        rid = reservation.hold if reservation is not None else None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.writer.put(BeginOp(entry, rid, fut))
         await self._wait(fut)
@@ -281,7 +268,7 @@ class PostgresLedger:
         """At start: reclaim replicas that died (this one's id is new, so it has nothing)."""
         return await self.reclaim()
 
-    # -- shared budget rows (used by gateway.budget_pg) --------------------------------------
+    # -- shared budget rows (used by gateway.store.pg_budgets) ------------------------------
     async def usage_rows(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
         """(spent, reserved) of every budget row of a period."""
         rows = await self.pool.fetch(
@@ -317,54 +304,6 @@ class PostgresLedger:
                 "WHERE v.period = k.period AND v.request_id IS NULL "
                 "AND v.scopes @> jsonb_build_array(jsonb_build_array(k.scope, k.id))), 0) "
                 f"FROM {unnest} ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING", *cols)
-
-    # -- reads -------------------------------------------------------------------------------
-    async def spend_by_scope(self, period: str) -> dict[ScopeKey, int]:
-        rows = await self.pool.fetch(
-            f"SELECT tenant, agent, campaign, key_name, SUM({_COST}) FROM requests "
-            "WHERE period = $1 GROUP BY tenant, agent, campaign, key_name", period)
-        return fold_spend([(r[0], r[1], r[2], r[3], _int(r[4])) for r in rows])
-
-    async def overshoot(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
-        rows = await self.pool.fetch(
-            "SELECT tenant, agent, campaign, key_name, SUM(overshoot), COUNT(*) FROM requests "
-            "WHERE period = $1 AND overshoot > 0 GROUP BY tenant, agent, campaign, key_name",
-            period)
-        return fold_overshoot([(r[0], r[1], r[2], r[3], _int(r[4]), int(r[5])) for r in rows])
-
-    async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
-        if group_by not in GROUP_BY:
-            raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
-        column = ("to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if group_by == "day"
-                  else f"COALESCE({group_by}, '')")
-        where, params = "period = $1", [period]
-        if tenant is not None:
-            where += " AND tenant = $2"
-            params.append(tenant)
-        rows = await self.pool.fetch(
-            f"SELECT ({column}) COLLATE \"C\" AS grp, COUNT(*), SUM(prompt_tokens), "
-            f"SUM(cached_tokens), SUM(completion_tokens), SUM(reasoning_tokens), SUM({_COST}), "
-            f"SUM(override::int) FROM requests WHERE {where} GROUP BY grp "
-            "ORDER BY grp", *params)
-        # mypy cannot count the starred values (the seven counters before ``extra``)
-        return [UsageRow(str(r[0]), *(_int(v) for v in tuple(r)[1:]))  # type: ignore[arg-type]
-                for r in rows]
-
-    async def entries(self, period: str, tenant: str | None = None) -> list[LedgerEntry]:
-        sql = f"SELECT {', '.join(COLUMNS)} FROM requests WHERE period = $1"
-        params: list[Any] = [period]
-        if tenant is not None:
-            sql += " AND tenant = $2"
-            params.append(tenant)
-        rows = await self.pool.fetch(sql + " ORDER BY ts, id COLLATE \"C\"", *params)
-        return [LedgerEntry(**dict(r)) for r in rows]
-
-    async def periods(self) -> list[str]:
-        rows = await self.pool.fetch("SELECT DISTINCT period FROM requests ORDER BY period DESC")
-        return [r[0] for r in rows]
-
-    async def count(self) -> int:
-        return int(await self.pool.fetchval("SELECT COUNT(*) FROM requests"))
 
     # -- admin state (each change is announced to the other replicas) ------------------------
     async def _change(self, kind: str, sql: str, *args: Any, audit: AuditRow | None = None
@@ -430,82 +369,3 @@ class PostgresLedger:
             "keys", "UPDATE api_keys SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL",
             name, when, audit=audit)
         return status != "UPDATE 0"
-
-    # -- the audit trail's queue and anchor (gateway.audit) ------------------------------------
-    # Every replica stores its events in the one shared table; the replica holding AUDIT_LOCK
-    # writes them all, in table order, into its files (one chain, one anchor). Another takes
-    # over when it stops; its files must then be the same files (a shared logs_dir), else its
-    # writer stops at the anchor check and /readyz says so (docs/operations.md).
-    def audit(self, row: AuditRow) -> None:
-        """Queue an audit event for the next INSERT batch (never waits, never raises)."""
-        self._audit_rows.append(row)
-        self._audit_wake.set()
-
-    async def _audit_drain(self) -> None:
-        delay = 0.05
-        while True:
-            await self._audit_wake.wait()
-            rows = self._audit_rows[:_AUDIT_BATCH]
-            if not rows:
-                self._audit_wake.clear()
-                continue
-            try:
-                async with self._audit_inserting:
-                    await self.pool.execute(_INSERT_AUDIT, [r.ts for r in rows],
-                                            [r.kind for r in rows], [r.data for r in rows],
-                                            self.replica)
-                    del self._audit_rows[:len(rows)]
-            except Exception as exc:  # the database is away: keep them and retry
-                log.warning("audit events not stored yet (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            delay = 0.05
-
-    async def audit_secret(self) -> bytes:
-        """The chain's key when COSTWALL_AUDIT_KEY is not set: generated once, shared."""
-        await self.pool.execute("INSERT INTO audit_secret (id, secret) VALUES (1, $1) "
-                                "ON CONFLICT (id) DO NOTHING", secrets.token_hex(32))
-        secret: str = await self.pool.fetchval("SELECT secret FROM audit_secret WHERE id = 1")
-        return secret.encode()
-
-    async def audit_lock(self) -> bool:
-        """True while this replica is the one that writes the audit files."""
-        conn = self._audit_conn
-        if conn is None or conn.is_closed():
-            self._audit_locked = False
-            self._audit_conn = conn = await asyncpg.connect(self.url)
-        if not self._audit_locked:
-            self._audit_locked = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)",
-                                                          AUDIT_LOCK))
-        return self._audit_locked
-
-    async def audit_pending(self, limit: int) -> tuple[Anchor, list[PendingEvent]]:
-        row = await self.pool.fetchrow(
-            "SELECT count, head, sizes, key_id FROM audit_anchor WHERE trail = 'main'")
-        anchor = anchor_from(dict(row)) if row else Anchor()
-        events = await self.pool.fetch(
-            "SELECT seq, kind, data FROM audit_events WHERE line IS NULL ORDER BY seq "
-            "LIMIT $1", limit) if limit else []
-        return anchor, [PendingEvent(int(r[0]), r[1], r[2]) for r in events]
-
-    async def audit_advance(self, old: Anchor, new: Anchor,
-                            written: list[tuple[int, int]]) -> None:
-        """Mark events as written and move the anchor, atomically (and only from ``old``)."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.execute(
-                "UPDATE audit_anchor SET count = $1, head = $2, sizes = $3, key_id = $4, "
-                "updated_at = now() WHERE trail = 'main' AND count = $5",
-                new.count, new.head, new.sizes_json(), new.key_id, old.count)
-            if status != "UPDATE 1":
-                raise RuntimeError("the audit anchor moved under the writer")
-            await conn.execute(
-                "UPDATE audit_events SET line = v.n FROM unnest($1::int8[], $2::int8[]) "
-                "AS v(seq, n) WHERE audit_events.seq = v.seq",
-                [seq for seq, _ in written], [n for _, n in written])
-
-    async def audit_backlog(self) -> int:
-        async with self._audit_inserting:  # else a batch being inserted counts twice
-            return int(await self.pool.fetchval(
-                "SELECT COUNT(*) FROM audit_events WHERE line IS NULL")) + len(self._audit_rows)
-

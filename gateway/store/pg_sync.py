@@ -1,7 +1,7 @@
 """Keep a replica's copy of shared admin state current (PostgreSQL only).
 
 Admin changes made on any replica are written to the database, which also sends
-``NOTIFY costwall_changes`` with what changed (``gateway.ledger_pg``). Every replica listens
+``NOTIFY costwall_changes`` with what changed (``gateway.store.postgres``). Every replica listens
 on its own connection and reloads at once: the global override switch, caps (into the budget
 engine) and virtual keys. After a (re)connect everything is reloaded, so a notification lost
 while the connection was down is never missed. The same loop refreshes the budget mirror
@@ -19,9 +19,9 @@ from typing import Any
 
 import asyncpg
 
-from gateway.budget_pg import SharedBudgetEngine
-from gateway.ledger_pg import CHANNEL, PostgresLedger
 from gateway.services import OVERRIDE_SETTING, Gateway, OverrideState
+from gateway.store.pg_budgets import SharedBudgets
+from gateway.store.postgres import CHANNEL, PostgresLedger
 
 log = logging.getLogger("costwall.sync")
 
@@ -80,7 +80,7 @@ class ChangeFeed:
                     if self._dirty:
                         kinds, self._dirty = self._dirty, set()
                         await reload(self.gw, kinds)
-                    if isinstance(self.gw.budgets, SharedBudgetEngine):
+                    if isinstance(self.gw.budgets, SharedBudgets):
                         await self.gw.budgets.refresh()
             except asyncio.CancelledError:
                 raise

@@ -1,0 +1,134 @@
+"""The store's small interfaces: what each caller needs from the database, and no more.
+
+Both backends (``gateway.store.sqlite`` and ``gateway.store.postgres``) implement all four;
+each caller is typed against the part it uses, so a new backend (or a fake in a test) knows
+exactly what it must provide, in the spirit of httpx's transports:
+
+- ``RequestLog``: the request path (``gateway.proxy``). ``begin`` durably records a *pending*
+  row at the reserved upper bound before anything is forwarded; ``settle`` queues the final
+  row. A crash between the two leaves a pending row that ``recover`` settles at its reserved
+  amount, so nothing that reached the upstream is lost or under-counted.
+- ``AdminState``: settings, caps and keys; every change may carry the audit row that
+  describes it, committed in the same transaction.
+- ``Reports``: usage, entries, periods, overshoot and the spend budgets start from.
+- ``AuditQueue``: the audit trail's durable queue and the anchor of its hash chain
+  (``gateway.audit.AuditTrail``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+from gateway.budget import Reservation, ScopeKey
+from gateway.ledger import KeyRecord, LedgerEntry, UsageRow
+
+if TYPE_CHECKING:
+    from gateway.audit import Anchor, AuditRow, PendingEvent
+
+
+class Lifecycle(Protocol):
+    replica: str
+
+    async def start(self) -> None:
+        """Open connections, migrate the schema, start the writer."""
+
+    async def close(self) -> None:
+        """Flush every queued write and close."""
+
+    async def ping(self) -> bool:
+        """True when the database answers and writes can land (for /readyz)."""
+
+    async def recover(self) -> int:
+        """Settle pending rows left by a crash at their reserved upper bound; return the count."""
+
+
+class RequestLog(Protocol):
+    """What the request path writes: one pending row, then its final version."""
+
+    async def begin(self, entry: LedgerEntry, reservation: Reservation | None = None) -> None:
+        """Durably record a pending entry (linked to ``reservation`` where the store holds
+        reservations itself); returns once it is safe to forward."""
+
+    def settle(self, entry: LedgerEntry) -> None:
+        """Queue the final version of an entry (non-blocking; ``flush`` waits for it)."""
+
+    async def flush(self) -> None:
+        """Wait until every queued write is committed."""
+
+
+class AdminState(Protocol):
+    """Settings, caps and keys; each change optionally committed with its audit row."""
+
+    async def get_setting(self, key: str) -> str | None: ...
+
+    async def set_setting(self, key: str, value: str, audit: AuditRow | None = None) -> None:
+        """Store a setting; with ``audit``, in one transaction with that audit event."""
+
+    async def add_setting(self, key: str, value: str) -> str:
+        """Store ``value`` unless ``key`` has one; return the stored value (racers agree)."""
+
+    async def caps(self) -> dict[ScopeKey, int | None]:
+        """Caps set by admins, overriding config; None means the limit was removed."""
+
+    async def set_cap(self, key: ScopeKey, limit: int | None,
+                      audit: AuditRow | None = None) -> None: ...
+
+    async def keys(self) -> list[KeyRecord]: ...
+
+    async def add_key(self, record: KeyRecord, audit: AuditRow | None = None) -> None: ...
+
+    async def revoke_key(self, name: str, when: datetime,
+                         audit: AuditRow | None = None) -> bool: ...
+
+
+class Reports(Protocol):
+    """Read-only views of the ledger."""
+
+    async def spend_by_scope(self, period: str) -> dict[ScopeKey, int]:
+        """Spend per (scope, id) in a period; pending rows count at their reserved amount."""
+
+    async def overshoot(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
+        """Per (scope, id): pico-USD charged beyond reservations in a period, and how many
+        requests did (only scopes that had any)."""
+
+    async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
+        """Settled totals of a period grouped by one of ``gateway.ledger.GROUP_BY``."""
+
+    async def entries(self, period: str, tenant: str | None = None) -> list[LedgerEntry]:
+        """Every entry of a period in time order (for CSV invoices)."""
+
+    async def periods(self) -> list[str]:
+        """Months that have entries, newest first."""
+
+    async def count(self) -> int:
+        """Number of rows (tests and health)."""
+
+
+class AuditQueue(Protocol):
+    """The audit trail's durable queue and anchor (``gateway.audit.AuditStore``)."""
+
+    def audit(self, row: AuditRow) -> None:
+        """Queue an audit event (never waits, never raises)."""
+
+    async def audit_secret(self) -> bytes:
+        """The chain's key when ``COSTWALL_AUDIT_KEY`` is not set."""
+
+    async def audit_lock(self) -> bool:
+        """True while this process is the one that writes the audit files."""
+
+    async def audit_pending(self, limit: int) -> tuple[Anchor, list[PendingEvent]]:
+        """The anchor and the oldest ``limit`` events not yet in the files."""
+
+    async def audit_advance(self, old: Anchor, new: Anchor,
+                            written: list[tuple[int, int]]) -> None:
+        """Mark (seq, line) pairs written and move the anchor from ``old`` to ``new``."""
+
+    async def audit_backlog(self) -> int:
+        """Events stored but not yet in the files."""
+
+    async def flush(self) -> None: ...
+
+
+class Ledger(Lifecycle, RequestLog, AdminState, Reports, AuditQueue, Protocol):
+    """A whole backend: every part above (what ``open_store`` opens)."""

@@ -1,0 +1,76 @@
+"""``Reports`` over SQLite: usage, entries, periods, overshoot, the spend budgets start from.
+
+Mixed into ``gateway.store.sqlite.SqliteLedger``, which provides ``_fetch`` (a read that
+first waits for the begins queued before it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiosqlite
+
+from gateway.budget import ScopeKey
+from gateway.ledger import COLUMNS, GROUP_BY, LedgerEntry, UsageRow, fold_overshoot, fold_spend
+from gateway.store.sqlite_sql import _COST, _USAGE_SUMS, _entry, _unwide, _wide_sum
+
+
+class SqliteReports:
+    """The read-only views of the SQLite ledger."""
+
+    _fetch: Callable[..., Awaitable[list[aiosqlite.Row]]]
+
+    async def spend_by_scope(self, period: str) -> dict[ScopeKey, int]:
+        rows = await self._fetch(
+            f"SELECT tenant, agent, campaign, key_name, {_wide_sum(_COST)} "
+            "FROM requests WHERE period = ? GROUP BY tenant, agent, campaign, key_name",
+            (period,),
+        )
+        return fold_spend([(r[0], r[1], r[2], r[3], _unwide(r[4], r[5])) for r in rows])
+
+    async def overshoot(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
+        rows = await self._fetch(
+            f"SELECT tenant, agent, campaign, key_name, {_wide_sum('overshoot')}, COUNT(*) "
+            "FROM requests WHERE period = ? AND overshoot > 0 "
+            "GROUP BY tenant, agent, campaign, key_name", (period,))
+        return fold_overshoot([(r[0], r[1], r[2], r[3], _unwide(r[4], r[5]), r[6])
+                               for r in rows])
+
+    async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
+        if group_by not in GROUP_BY:
+            raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
+        column = "substr(ts, 1, 10)" if group_by == "day" else f"COALESCE({group_by}, '')"
+        where, params = "period = ?", [period]
+        if tenant is not None:
+            where += " AND tenant = ?"
+            params.append(tenant)
+        sums = ", ".join(_wide_sum(c) for c in _USAGE_SUMS)
+        rows = await self._fetch(
+            f"SELECT {column} AS grp, COUNT(*), {sums}, SUM(override) "
+            f"FROM requests WHERE {where} GROUP BY grp ORDER BY grp",
+            tuple(params),
+        )
+        out = []
+        for r in rows:
+            values = tuple(r)
+            prompt, cached, completion, reasoning, cost = (
+                _unwide(values[i], values[i + 1]) for i in range(2, 2 + 2 * 5, 2))
+            out.append(UsageRow(str(values[0]), int(values[1]), prompt, cached, completion,
+                                reasoning, cost, int(values[-1] or 0)))
+        return out
+
+    async def entries(self, period: str, tenant: str | None = None) -> list[LedgerEntry]:
+        sql = f"SELECT {', '.join(COLUMNS)} FROM requests WHERE period = ?"
+        params: tuple[Any, ...] = (period,)
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            params += (tenant,)
+        return [_entry(r) for r in await self._fetch(sql + " ORDER BY ts, id", params)]
+
+    async def periods(self) -> list[str]:
+        rows = await self._fetch("SELECT DISTINCT period FROM requests ORDER BY period DESC")
+        return [r[0] for r in rows]
+
+    async def count(self) -> int:
+        return int((await self._fetch("SELECT COUNT(*) FROM requests"))[0][0])
