@@ -130,15 +130,9 @@ def archived_segments(directory: Path) -> list[Path]:
                   if MONTH_DIR.fullmatch(p.name) and (p / JSONL).is_file())
 
 
-def verify(path: Path, key: bytes | None = None, anchor: Anchor | None = None) -> ChainReport:
-    """Check ``events.jsonl`` at ``path``, the archived segments beside it
-    (``archive/YYYY-MM/events.jsonl``, oldest first: each continues the one before) and the
-    Markdown files of every segment.
-
-    Without ``key`` only the structure (numbers and ``prev`` links) is checked; without
-    ``anchor`` truncation and forged appends at the end go unnoticed.
-    """
-    directory = path.parent
+def _verify_archives(directory: Path, key: bytes | None
+                     ) -> tuple[int, str, tuple[str, int] | None, list[str]]:
+    """The archived segments, oldest first: events, last MAC, first bad line, problems."""
     problems: list[str] = []
     first_bad: tuple[str, int] | None = None
     before, prev = 0, GENESIS
@@ -152,6 +146,19 @@ def verify(path: Path, key: bytes | None = None, anchor: Anchor | None = None) -
                         for p in _markdown_problems(archived.parent, seg.events))
         before += seg.count
         prev = seg.macs[-1] if seg.macs else prev
+    return before, prev, first_bad, problems
+
+
+def verify(path: Path, key: bytes | None = None, anchor: Anchor | None = None) -> ChainReport:
+    """Check ``events.jsonl`` at ``path``, the archived segments beside it
+    (``archive/YYYY-MM/events.jsonl``, oldest first: each continues the one before) and the
+    Markdown files of every segment.
+
+    Without ``key`` only the structure (numbers and ``prev`` links) is checked; without
+    ``anchor`` truncation and forged appends at the end go unnoticed.
+    """
+    directory = path.parent
+    before, prev, first_bad, problems = _verify_archives(directory, key)
     start = anchor.sizes.get(SEGMENT_START, 0) if anchor is not None else before
     if anchor is not None and first_bad is None and before != start:
         first_bad = (JSONL, 1)
