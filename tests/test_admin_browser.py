@@ -317,6 +317,7 @@ def test_every_page_is_usable_on_a_phone(ui: UI) -> None:
     page.goto(f"{ui.stack.url}/admin/keys")
     reachable(page, 'tr[data-key="phone-bot"] button:text-is("Revoke")')
     page.locator('tr[data-key="phone-bot"] button', has_text="Revoke").tap()
+    page.locator('tr[data-key="phone-bot"] .status-revoked').wait_for()  # after the redirect
     assert "revoked" in page.locator('tr[data-key="phone-bot"]').inner_text()
     page.goto(f"{ui.stack.url}/admin/invoices")
     reachable(page, "table.invoices a:text-is('PDF')")
