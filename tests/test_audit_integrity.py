@@ -275,7 +275,8 @@ def test_audit_dir_broken_from_the_start(tmp_path: Path) -> None:
     try:
         folder = break_audit_dir(stack)
         blocked(stack, 3)
-        assert stack.request("GET", "/readyz").json()["audit_backlog"] == 3
+        # queued through the ledger's writer: stored a moment after the 402s
+        until(lambda: stack.request("GET", "/readyz").json()["audit_backlog"] == 3)
         stack.restart()  # the backlog survives a restart: it is in the database
         assert stack.request("GET", "/readyz").json()["audit_backlog"] == 3
         repair_audit_dir(folder)
