@@ -168,6 +168,8 @@ async def check(gw: Gateway, issuer: str) -> dict[str, Any] | None:
     await gw.ledger.set_setting(setting_key(month), orjson.dumps(record).decode())
     event = invoice_issued_event(record)
     log.info("invoices %s issued: %d file sets (event %s)", month, len(items), event["id"])
+    if gw.alerts is not None:
+        gw.alerts.emit_event(event)
     return record
 
 

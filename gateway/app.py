@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from admin.app import PREFIX as ADMIN_PREFIX
 from admin.app import create_admin_app
+from gateway.alerts import Alerts, alerts_ctx
 from gateway.audit import AuditTrail
 from gateway.budget import Crossing
 from gateway.config import Settings
@@ -134,6 +135,8 @@ def build_gateway(
     gw = Gateway(settings, prices, store.ledger, store.budgets, KeyRing(settings.keys),
                  AuditTrail(settings.logs_dir, clock, store.audit, tz=settings.budgets.tz),
                  metrics, clock, follow=store.follow)
+    gw.alerts = Alerts(settings.alerts, store.ledger, metrics.alerts,
+                       lambda: clock().timestamp(), ADMIN_PREFIX + "/alerts")
     return gw
 
 
@@ -149,6 +152,8 @@ def create_app(settings: Settings, **parts: object) -> web.Application:
                           handler_args={"keepalive_timeout": settings.header_timeout_s})
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources(gw, gw.follow))
+    assert gw.alerts is not None
+    app.cleanup_ctx.append(alerts_ctx(gw.alerts))
     app.cleanup_ctx.append(setup_forecast(gw))
     setup_routes(app)
     setup_ops(app)

@@ -17,6 +17,7 @@ exactly what it must provide, in the spirit of httpx's transports:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -130,5 +131,41 @@ class AuditQueue(Protocol):
     async def flush(self) -> None: ...
 
 
-class Ledger(Lifecycle, RequestLog, AdminState, Reports, AuditQueue, Protocol):
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One alert for one channel (``gateway.alerts``). Times are Unix seconds; ``status`` is
+    pending, sent or failed; ``attempts`` counts claims (a claim is an attempt begun)."""
+
+    event_id: str
+    channel: str
+    type: str
+    body: str
+    created_at: float
+    status: str = "pending"
+    attempts: int = 0
+    next_at: float = 0.0
+    last_error: str | None = None
+    sent_at: float | None = None
+
+
+class Outbox(Protocol):
+    """The alerts' durable outbox: stored before the first attempt, claimed with a lease so
+    one replica sends each (event, channel)."""
+
+    async def outbox_add(self, rows: list[OutboxRow]) -> None:
+        """Store rows; an (event id, channel) already stored is left as it is."""
+
+    async def outbox_claim(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
+        """Take up to ``limit`` due pending rows whose lease expired, lease them until
+        ``now + lease_s`` and count the attempt."""
+
+    async def outbox_finish(self, event_id: str, channel: str, status: str, next_at: float,
+                            error: str | None, now: float) -> None:
+        """Record an attempt's outcome (sent, failed, or pending again at ``next_at``)."""
+
+    async def outbox_list(self, limit: int) -> list[OutboxRow]:
+        """The most recent rows, newest first."""
+
+
+class Ledger(Lifecycle, RequestLog, AdminState, Reports, AuditQueue, Outbox, Protocol):
     """A whole backend: every part above (what ``open_store`` opens)."""
