@@ -150,9 +150,7 @@ class Alerts:
     # -- the sender --------------------------------------------------------------------------
     async def start(self) -> None:
         if self._task is None and self.enabled:
-            timeout = aiohttp.ClientTimeout(total=self.timeout_s, connect=min(5.0,
-                                                                              self.timeout_s))
-            self._session = aiohttp.ClientSession(timeout=timeout)
+            self._session = aiohttp.ClientSession()
             self._task = asyncio.create_task(self._run(), name="costwall-alerts")
 
     async def close(self) -> None:
@@ -249,8 +247,10 @@ class Alerts:
                 headers["webhook-signature"] = sign(channel.secret, row.event_id, ts, body)
         assert self._session is not None
         try:
+            timeout = aiohttp.ClientTimeout(total=self.timeout_s,
+                                            connect=min(5.0, self.timeout_s))
             async with self._session.post(channel.url, data=body, headers=headers,
-                                          allow_redirects=False) as resp:
+                                          allow_redirects=False, timeout=timeout) as resp:
                 await resp.content.read(MAX_RESPONSE_BYTES)
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -1,0 +1,295 @@
+"""Alerts end to end (SPEC "Alerts"): real gateways, real receivers on real ports.
+
+The webhook receiver verifies every request the Standard Webhooks way, written here from the
+specification (HMAC-SHA256 over "<id>.<timestamp>.<body>" keyed with the base64-decoded part
+of the whsec_ secret), so a signing bug in the gateway fails these tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.alerts import Alerts
+from gateway.config import ConfigError, load_settings
+from tests import pg
+from tests.harness import ADMIN_TOKEN, LoopThread, Stack, write_config
+from tests.test_budgets import MSG, cap_for
+
+SECRET_KEY = b"0123456789abcdef0123456789abcdef"
+SECRET = "whsec_" + base64.b64encode(SECRET_KEY).decode()
+
+
+def verify(headers: Any, body: bytes, secret: str = SECRET) -> bool:
+    """Standard Webhooks verification, independent of the gateway's code."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    msg_id, ts = headers["webhook-id"], headers["webhook-timestamp"]
+    if abs(time.time() - int(ts)) > 300:
+        return False
+    expected = base64.b64encode(hmac.new(key, f"{msg_id}.{ts}.".encode() + body,
+                                         hashlib.sha256).digest()).decode()
+    return any(hmac.compare_digest(sig.split(",", 1)[1], expected)
+               for sig in headers["webhook-signature"].split() if sig.startswith("v1,"))
+
+
+class Receiver:
+    """An aiohttp webhook receiver: records verified deliveries; can fail or hang."""
+
+    def __init__(self) -> None:
+        self.lt = LoopThread()
+        self.fail_first = 0
+        self.hang = False
+        self.calls = 0
+        self.received: list[dict[str, Any]] = []
+        self.unverified = 0
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+
+        async def start() -> int:
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+        self.port = self.lt.run(start())
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        body = await request.read()
+        if self.hang:
+            await asyncio.sleep(60)
+        if self.calls <= self.fail_first:
+            return web.Response(status=503, text="down")
+        if "webhook-signature" in request.headers and not verify(request.headers, body):
+            self.unverified += 1
+            return web.Response(status=401)
+        self.received.append({"headers": dict(request.headers), **orjson.loads(body)})
+        return web.Response(status=204)
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.received if r["type"] == kind]
+
+    def close(self) -> None:
+        self.lt.run(self.runner.cleanup())
+        self.lt.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def alerts_config(url: str, **extra: Any) -> dict[str, Any]:
+    return {"allow_private_targets": True,
+            "channels": [{"name": "ops", "type": "webhook", "url": url,
+                          "secret_env": "TEST_WEBHOOK_SECRET"}], **extra}
+
+
+def alert_stack(path: Path, url: str, **config: Any) -> Stack:
+    stack = Stack(path, env={"TEST_WEBHOOK_SECRET": SECRET},
+                  alerts=alerts_config(url), **config)
+    fast(stack.gw.alerts)
+    return stack
+
+
+def fast(alerts: Alerts | None) -> None:
+    assert alerts is not None
+    alerts.backoff_s, alerts.poll_s, alerts.timeout_s = 0.05, 0.05, 1.0
+
+
+def wait_for(check: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def spend_until_refused(stack: Stack) -> None:
+    for _ in range(20):
+        try:
+            stack.client().chat.completions.create(model="gpt-4o-mini", messages=MSG,
+                                                   max_tokens=50)
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 402
+            break
+
+
+def budget_config(cap: str) -> dict[str, Any]:
+    return {"budgets": {"timezone": "UTC", "warn_at": ["0.8"], "near_cap": "reject",
+                        "tenants": {"acme": {"monthly_usd": cap}}}}
+
+
+def test_crossing_sends_one_signed_webhook_and_exhaustion_once(tmp_path: Path,
+                                                               receiver: Receiver) -> None:
+    probe = Stack(tmp_path / "probe")
+    cap = cap_for(probe, 10, max_tokens=50)
+    probe.close()
+    stack = alert_stack(tmp_path / "run", receiver.url, **budget_config(cap))
+    try:
+        spend_until_refused(stack)
+        spend_until_refused(stack)  # a second refusal in the same period: no second event
+        wait_for(lambda: receiver.of_type("budget.threshold")
+                 and receiver.of_type("budget.exhausted"))
+        time.sleep(0.3)
+        [threshold] = receiver.of_type("budget.threshold")
+        [exhausted] = receiver.of_type("budget.exhausted")
+        assert receiver.unverified == 0
+        assert threshold["headers"]["webhook-id"] == threshold["id"]
+        data = threshold["data"]
+        assert (data["scope"], data["id"], data["window"]) == ("tenant", "acme", "monthly")
+        assert Decimal(data["limit_usd"]) == Decimal(cap)
+        assert data["threshold"] == "0.8" and data["period"] == stack.gw.budgets.current_period()
+        assert exhausted["data"]["scope"] == "tenant"
+        metric = stack.request("GET", "/metrics").body.decode()
+        assert 'costwall_alerts_total{channel="ops",outcome="sent",type="budget.threshold"}' \
+            in metric
+        # the admin API lists the deliveries without the URL or the secret
+        r = stack.request("GET", "/admin/api/alerts",
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.status == 200
+        text = r.body.decode()
+        assert receiver.url not in text and SECRET not in text
+        listing = orjson.loads(r.body)
+        assert listing["channels"][0]["target"] == "127.0.0.1"
+        assert {d["status"] for d in listing["deliveries"]} == {"sent"}
+    finally:
+        stack.close()
+
+
+def test_receiver_failing_three_times_gets_the_event_once(tmp_path: Path,
+                                                          receiver: Receiver) -> None:
+    receiver.fail_first = 3
+    stack = alert_stack(tmp_path, receiver.url)
+    try:
+        r = stack.request("POST", "/admin/api/alerts/test", json={"channel": "ops"},
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.status == 202, r.body
+        wait_for(lambda: receiver.received)
+        time.sleep(0.5)
+        assert receiver.calls == 4 and len(receiver.received) == 1
+        assert receiver.received[0]["type"] == "alert.test"
+        [row] = stack.lt.run(stack.gw.ledger.outbox_list(10))
+        assert (row.status, row.attempts, row.last_error) == ("sent", 4, None)
+        metric = stack.request("GET", "/metrics").body.decode()
+        assert 'costwall_alerts_total{channel="ops",outcome="retry",type="alert.test"} 3.0' \
+            in metric
+    finally:
+        stack.close()
+
+
+def test_unknown_test_channel_is_a_404(tmp_path: Path, receiver: Receiver) -> None:
+    stack = alert_stack(tmp_path, receiver.url)
+    try:
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        r = stack.request("POST", "/admin/api/alerts/test", json={"channel": "nope"},
+                          headers=auth)
+        assert r.status == 404
+        r = stack.request("POST", "/admin/api/alerts/test", json={"channel": 5}, headers=auth)
+        assert r.status == 400
+    finally:
+        stack.close()
+
+
+def test_refused_receiver_fails_visibly_without_retry(tmp_path: Path,
+                                                      receiver: Receiver) -> None:
+    stack = alert_stack(tmp_path, receiver.url.replace("/hook", "/missing"))
+    try:
+        stack.request("POST", "/admin/api/alerts/test", json={"channel": "ops"},
+                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        wait_for(lambda: stack.lt.run(stack.gw.ledger.outbox_list(10))[0].status == "failed")
+        [row] = stack.lt.run(stack.gw.ledger.outbox_list(10))
+        assert row.attempts == 1 and row.last_error == "HTTP 404"
+    finally:
+        stack.close()
+
+
+def test_hanging_receiver_does_not_slow_requests(tmp_path: Path, receiver: Receiver) -> None:
+    receiver.hang = True
+    stack = alert_stack(tmp_path, receiver.url)
+    try:
+        for _ in range(5):
+            stack.gw.alerts.emit("alert.test", f"evt_{_}", {"n": _})  # type: ignore[union-attr]
+        client = stack.client()
+        started = time.perf_counter()
+        for _ in range(20):
+            client.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5)
+        elapsed = time.perf_counter() - started
+        assert elapsed < 5, elapsed
+        wait_for(lambda: any(r.last_error == "TimeoutError" for r in
+                             stack.lt.run(stack.gw.ledger.outbox_list(10))), timeout=15)
+    finally:
+        stack.close()
+
+
+def test_two_gateways_on_one_postgres_deliver_once(tmp_path: Path, receiver: Receiver,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pg.require()
+    with pg.temp_database() as url:
+        monkeypatch.setenv("COSTWALL_TEST_DATABASE", url)
+        a = alert_stack(tmp_path / "a", receiver.url)
+        b = alert_stack(tmp_path / "b", receiver.url)
+        try:
+            for stack in (a, b):  # both replicas see the same event (same stable id)
+                for n in range(10):
+                    stack.gw.alerts.emit("alert.test", f"evt_same_{n}",  # type: ignore
+                                         {"n": n})
+            wait_for(lambda: len(receiver.received) >= 10)
+            time.sleep(1.0)
+            ids = [r["id"] for r in receiver.received]
+            assert sorted(ids) == sorted(f"evt_same_{n}" for n in range(10))
+        finally:
+            a.close()
+            b.close()
+
+
+@pytest.mark.parametrize(("channel", "problem"), [
+    ({"name": "x", "type": "webhook", "url": "ftp://example.com/"}, "expected an http(s) URL"),
+    ({"name": "x", "type": "webhook", "url": "https://127.0.0.1/h"}, "private address"),
+    ({"name": "x", "type": "webhook", "url": "https://10.1.2.3/h"}, "private address"),
+    ({"name": "x", "type": "webhook", "url": "https://example.com/h",
+      "secret_env": "BAD_SECRET"}, "whsec_"),
+    ({"name": "x", "type": "pager", "url": "https://example.com/h"}, "expected one of"),
+    ({"name": "x", "type": "email", "to": ["nobody"]}, "e-mail addresses"),
+])
+def test_bad_channels_are_config_errors(tmp_path: Path, channel: dict[str, Any],
+                                        problem: str) -> None:
+    path = write_config(tmp_path, "http://127.0.0.1:9/v1", alerts={"channels": [channel]})
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, {"BAD_SECRET": "not-a-secret"})
+    assert any(problem in p for p in err.value.problems), err.value.problems
+    assert not any("not-a-secret" in p for p in err.value.problems)
+
+
+def test_rules_route_events_and_unknown_channels_are_errors(tmp_path: Path) -> None:
+    channels = [{"name": "a", "type": "webhook", "url": "https://example.com/a"},
+                {"name": "b", "type": "webhook", "url": "https://example.com/b"}]
+    path = write_config(tmp_path, "http://127.0.0.1:9/v1", alerts={
+        "channels": channels, "rules": [{"events": ["budget.*"], "channels": ["a"]},
+                                        {"events": ["alert.test"], "channels": ["a", "b"]}]})
+    settings, _ = load_settings(path, {})
+    assert [c.name for c in settings.alerts.routes("budget.threshold")] == ["a"]
+    assert [c.name for c in settings.alerts.routes("alert.test")] == ["a", "b"]
+    assert settings.alerts.routes("cap.changed") == []
+    path = write_config(tmp_path, "http://127.0.0.1:9/v1", alerts={
+        "channels": channels, "rules": [{"events": ["budget.*"], "channels": ["c"]},
+                                        {"events": ["nothing.*"], "channels": ["a"]}]})
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, {})
+    assert any("unknown channel 'c'" in p for p in err.value.problems)
+    assert any("matches no event type" in p for p in err.value.problems)
