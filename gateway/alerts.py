@@ -30,7 +30,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.config.alerts import AlertSettings, Channel, is_private_host
+from gateway.config.alerts import AlertSettings, Channel, is_private_address
 from gateway.store.interfaces import Outbox, OutboxRow
 
 if TYPE_CHECKING:
@@ -63,6 +63,17 @@ def backoff(attempts: int, base_s: float, rng: Callable[[], float] = random.rand
     """Seconds before the next attempt: exponential from ``base_s``, capped, ±25 % jitter."""
     delay = min(MAX_BACKOFF_S, base_s * 2 ** max(0, attempts - 1))
     return float(delay * (0.75 + rng() * 0.5))
+
+
+async def resolves_private(host: str) -> bool:
+    """True when ``host`` is, or resolves to, a loopback or private address."""
+    if is_private_address(host):
+        return True
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+    except OSError:
+        return False  # the attempt itself then fails and is retried
+    return any(is_private_address(str(info[4][0])) for info in infos)
 
 
 class Retry(Exception):
@@ -233,8 +244,7 @@ class Alerts:
         if not channel.url:
             raise Refused("no URL (its environment variable is not set)")
         host = urlsplit(channel.url).hostname or ""
-        if not self.settings.allow_private_targets and await asyncio.to_thread(
-                is_private_host, host):
+        if not self.settings.allow_private_targets and await resolves_private(host):
             raise Refused("target is a private or loopback address")
         body = row.body.encode()
         headers = {"content-type": "application/json", "user-agent": "costwall-alerts"}

@@ -11,7 +11,6 @@ import base64
 import binascii
 import fnmatch
 import ipaddress
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
@@ -73,21 +72,19 @@ def decode_secret(secret: str) -> bytes | None:
     return key or None
 
 
-def is_private_host(host: str) -> bool:
-    """True when ``host`` is (or resolves to) a loopback, private, link-local or reserved
-    address. Names that do not resolve now are not refused here (the sender re-checks)."""
+def is_private_address(host: str) -> bool:
+    """True when ``host`` is a loopback, private, link-local or reserved address literal, or
+    ``localhost``. Names are not resolved here (a config check must not depend on DNS); the
+    sender resolves them before every attempt (``gateway.alerts.resolves_private``)."""
+    if host.lower().rstrip(".") in ("localhost", "localhost.localdomain") or \
+            host.lower().endswith(".localhost"):
+        return True
     try:
-        addresses = [ipaddress.ip_address(host.strip("[]"))]
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
     except ValueError:
-        if host.lower() in ("localhost", "localhost.localdomain"):
-            return True
-        try:
-            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-        except OSError:
-            return False
-        addresses = [ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos]
-    return any(a.is_private or a.is_loopback or a.is_link_local or a.is_reserved
-               or a.is_unspecified or a.is_multicast for a in addresses)
+        return False
+    return bool(address.is_private or address.is_loopback or address.is_link_local
+                or address.is_reserved or address.is_unspecified or address.is_multicast)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +203,7 @@ def _channels(raw: Any, ctx: Context, allow_private: bool) -> list[Channel]:
                     problems.append(f"{where}.url: expected an http(s) URL")
                 elif parts.username or parts.password:
                     problems.append(f"{where}.url: credentials in the URL are not supported")
-                elif not allow_private and is_private_host(parts.hostname):
+                elif not allow_private and is_private_address(parts.hostname):
                     problems.append(f"{where}.url: the target is a loopback or private "
                                     "address (set alerts.allow_private_targets: true to allow)")
             if kind == "webhook" and item.get("secret_env"):
