@@ -293,3 +293,34 @@ def test_rules_route_events_and_unknown_channels_are_errors(tmp_path: Path) -> N
         load_settings(path, {})
     assert any("unknown channel 'c'" in p for p in err.value.problems)
     assert any("matches no event type" in p for p in err.value.problems)
+
+
+def test_admin_page_test_form_and_admin_change_events(tmp_path: Path,
+                                                      receiver: Receiver) -> None:
+    from tests.test_admin_api import Browser
+
+    stack = alert_stack(tmp_path, receiver.url)
+    try:
+        b = Browser(stack.url)
+        assert b.login(ADMIN_TOKEN).status == 303
+        page = b.get("/admin/alerts").body.decode()
+        assert 'href="/admin/alerts"' in page and "127.0.0.1" in page
+        assert receiver.url not in page and SECRET not in page
+        assert b.post("/admin/alerts/test", {"channel": "ops"}).status == 403  # no CSRF
+        assert b.post("/admin/alerts/test", {"channel": "ops", "csrf": b.csrf()}).status == 303
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        assert stack.request("PUT", "/admin/api/budgets/tenant/acme", json={"monthly_usd": "7"},
+                             headers=auth).status == 200
+        assert stack.request("POST", "/admin/api/override",
+                             json={"enabled": True, "reason": "quarter end"},
+                             headers=auth).status == 200
+        wait_for(lambda: {r["type"] for r in receiver.received} >=
+                 {"alert.test", "cap.changed", "override.changed"})
+        [cap] = receiver.of_type("cap.changed")
+        assert cap["data"]["scope"] == "tenant" and Decimal(cap["data"]["limit_usd"]) == 7
+        [override] = receiver.of_type("override.changed")
+        assert override["data"]["enabled"] is True and override["data"]["actor"]
+        page = b.get("/admin/alerts").body.decode()
+        assert 'data-label="Status"' in page and "sent" in page and "cap.changed" in page
+    finally:
+        stack.close()
