@@ -81,7 +81,7 @@ class Receiver:
         return web.Response(status=204)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [r for r in self.received if r["type"] == kind]
+        return [r for r in self.received if r.get("type") == kind]
 
     def close(self) -> None:
         self.lt.run(self.runner.cleanup())
@@ -322,5 +322,62 @@ def test_admin_page_test_form_and_admin_change_events(tmp_path: Path,
         assert override["data"]["enabled"] is True and override["data"]["actor"]
         page = b.get("/admin/alerts").body.decode()
         assert 'data-label="Status"' in page and "sent" in page and "cap.changed" in page
+    finally:
+        stack.close()
+
+
+class Mailbox:
+    """An aiosmtpd handler keeping every message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        from email import message_from_bytes, policy
+
+        self.messages.append((envelope.rcpt_tos,
+                              message_from_bytes(envelope.content, policy=policy.default)))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Mailbox, int]]:
+    from aiosmtpd.controller import Controller
+
+    from tests.harness import free_port
+
+    box = Mailbox()
+    controller = Controller(box, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    yield box, controller.port
+    controller.stop()
+
+
+def test_slack_and_email_get_one_message_each_per_crossing(
+        tmp_path: Path, receiver: Receiver, smtp: tuple[Mailbox, int]) -> None:
+    box, port = smtp
+    probe = Stack(tmp_path / "probe")
+    cap = cap_for(probe, 10, max_tokens=50)
+    probe.close()
+    alerts = {"allow_private_targets": True, "smtp": {"host": "127.0.0.1", "port": port,
+                                                      "from": "costwall@example.com"},
+              "channels": [{"name": "chat", "type": "slack", "url_env": "TEST_SLACK_URL"},
+                           {"name": "mail", "type": "email", "to": ["finance@example.com"]}],
+              "rules": [{"events": ["budget.threshold"], "channels": ["chat", "mail"]}]}
+    stack = Stack(tmp_path / "run", env={"TEST_SLACK_URL": receiver.url}, alerts=alerts,
+                  **budget_config(cap))
+    fast(stack.gw.alerts)
+    try:
+        spend_until_refused(stack)
+        wait_for(lambda: receiver.received and box.messages)
+        time.sleep(0.5)
+        [slack] = receiver.received
+        assert "webhook-signature" not in slack["headers"]
+        assert "tenant:acme" in slack["text"] and "budget.threshold" in slack["text"]
+        assert any("/admin/alerts" in str(b) for b in slack["blocks"])
+        [(rcpt, msg)] = box.messages
+        assert rcpt == ["finance@example.com"] and "budget.threshold" in msg["Subject"]
+        assert msg.get_body(("plain",)) is not None and msg.get_body(("html",)) is not None
+        assert "acme" in msg.get_body(("plain",)).get_content()
     finally:
         stack.close()
