@@ -120,6 +120,10 @@ class Alerts:
         self.timeout_s = TIMEOUT_S
         self.max_attempts = MAX_ATTEMPTS
         self.give_up_s = GIVE_UP_S
+        # ``invoices.email_to``: an email channel that receives ``invoice.issued`` only, with
+        # the invoice files attached (``attachments``, set by ``admin.invoice_auto``).
+        self.invoice_mail: Channel | None = None
+        self.attachments: Callable[[dict[str, Any]], list[tuple[str, bytes, str]]] | None = None
         self._queued: list[OutboxRow] = []
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -128,7 +132,12 @@ class Alerts:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.settings.channels)
+        return bool(self.settings.channels) or self.invoice_mail is not None
+
+    def channel(self, name: str) -> Channel | None:
+        if self.invoice_mail is not None and name == self.invoice_mail.name:
+            return self.invoice_mail
+        return self.settings.channel(name)
 
     # -- recording (any thread of control; never blocks, never raises) -----------------------
     def emit(self, event_type: str, ident: str, data: dict[str, Any],
@@ -136,6 +145,9 @@ class Alerts:
         """Record an event for the channels its rules route it to (``only``: one channel)."""
         try:
             channels = [only] if only is not None else self.settings.routes(event_type)
+            if event_type == "invoice.issued" and self.invoice_mail is not None and \
+                    only is None:
+                channels.append(self.invoice_mail)
             if not channels:
                 return
             now = self.clock()
@@ -208,7 +220,7 @@ class Alerts:
         return len(rows)
 
     async def _attempt(self, row: OutboxRow) -> None:
-        channel = self.settings.channel(row.channel)
+        channel = self.channel(row.channel)
         error: str | None
         try:
             if channel is None:
@@ -238,8 +250,10 @@ class Alerts:
         if channel.type == "email":
             from gateway.alerts_email import send_email
 
-            await send_email(self.settings.smtp, channel, orjson.loads(row.body),
-                             self.timeout_s)
+            event = orjson.loads(row.body)
+            files = (await asyncio.to_thread(self.attachments, event)
+                     if self.attachments is not None and row.type == "invoice.issued" else [])
+            await send_email(self.settings.smtp, channel, event, self.timeout_s, files)
             return
         if not channel.url:
             raise Refused("no URL (its environment variable is not set)")

@@ -50,7 +50,9 @@ def _send(smtp: Smtp, msg: EmailMessage, timeout: float) -> None:
         client.send_message(msg)
 
 
-async def send_email(smtp: Smtp, channel: Channel, event: dict[str, Any],
-                     timeout: float) -> None:
-    """Send ``event`` to the channel's addresses; network errors propagate (retried)."""
-    await asyncio.to_thread(_send, smtp, message(smtp, channel.to, event), timeout)
+async def send_email(smtp: Smtp, channel: Channel, event: dict[str, Any], timeout: float,
+                     files: list[tuple[str, bytes, str]] | None = None) -> None:
+    """Send ``event`` (with ``files`` attached) to the channel's addresses; network errors
+    propagate (and are retried)."""
+    msg = message(smtp, channel.to, event, tuple(files or ()))
+    await asyncio.to_thread(_send, smtp, msg, timeout)

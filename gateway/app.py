@@ -25,6 +25,7 @@ from gateway.alerts import Alerts, alerts_ctx
 from gateway.audit import AuditTrail
 from gateway.budget import Crossing
 from gateway.config import Settings
+from gateway.config.alerts import Channel
 from gateway.errors import GatewayError, NotFound
 from gateway.forecast_service import setup_forecast
 from gateway.keys import KeyRing
@@ -135,8 +136,12 @@ def build_gateway(
     gw = Gateway(settings, prices, store.ledger, store.budgets, KeyRing(settings.keys),
                  AuditTrail(settings.logs_dir, clock, store.audit, tz=settings.budgets.tz),
                  metrics, clock, follow=store.follow)
+    # Real time, not the injected clock: leases, backoff and webhook-timestamp are wall time.
     gw.alerts = Alerts(settings.alerts, store.ledger, metrics.alerts,
-                       lambda: clock().timestamp(), ADMIN_PREFIX + "/alerts")
+                       admin_url=ADMIN_PREFIX + "/alerts")
+    if settings.invoices.email_to:
+        gw.alerts.invoice_mail = Channel("invoices.email_to", "email",
+                                         to=settings.invoices.email_to)
     return gw
 
 

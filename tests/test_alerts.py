@@ -332,7 +332,7 @@ class Mailbox:
     def __init__(self) -> None:
         self.messages: list[Any] = []
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         from email import message_from_bytes, policy
 
         self.messages.append((envelope.rcpt_tos,
@@ -379,5 +379,36 @@ def test_slack_and_email_get_one_message_each_per_crossing(
         assert rcpt == ["finance@example.com"] and "budget.threshold" in msg["Subject"]
         assert msg.get_body(("plain",)) is not None and msg.get_body(("html",)) is not None
         assert "acme" in msg.get_body(("plain",)).get_content()
+    finally:
+        stack.close()
+
+
+def test_invoices_email_to_mails_pdf_and_csv_once(tmp_path: Path,
+                                                  smtp: tuple[Mailbox, int]) -> None:
+    from datetime import UTC, datetime
+
+    from tests.test_invoice_auto import Clock, issued, wake
+
+    box, port = smtp
+    clock = Clock(datetime(2026, 10, 20, 12, 0, tzinfo=UTC))
+    stack = Stack(tmp_path, clock=clock, invoices={"auto": True,
+                                                   "email_to": ["finance@example.com"]},
+                  alerts={"smtp": {"host": "127.0.0.1", "port": port}})
+    fast(stack.gw.alerts)
+    try:
+        stack.client().chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        stack.flush()
+        clock.now = datetime(2026, 11, 1, 0, 0, 30, tzinfo=UTC)
+        wake(stack)
+        issued(stack, count=2)
+        wait_for(lambda: box.messages, timeout=15)
+        wake(stack)
+        time.sleep(0.5)
+        [(rcpt, msg)] = box.messages
+        assert rcpt == ["finance@example.com"] and "invoice.issued" in msg["Subject"]
+        names = sorted(part.get_filename() for part in msg.iter_attachments())
+        assert len(names) == 4 and sum(n.endswith(".pdf") for n in names) == 2
+        pdf = next(p for p in msg.iter_attachments() if p.get_filename().endswith(".pdf"))
+        assert pdf.get_content().startswith(b"%PDF")
     finally:
         stack.close()

@@ -117,7 +117,7 @@ def test_unknown_key_tables_are_derived_from_the_declarations_and_unchanged() ->
                           "can_override"}),
         "limits": frozenset({"max_body_bytes", "shutdown_grace_s", "header_timeout_s"}),
         "logging": frozenset({"format", "level", "access"}),
-        "invoices": frozenset({"company", "auto"}),
+        "invoices": frozenset({"company", "auto", "email_to"}),
         "override": frozenset({"allow"}),
     }
     assert by_hand == SECTION_KEYS

@@ -40,7 +40,6 @@ NOT_YET: dict[str, frozenset[str]] = {
     "": frozenset({"rate_limits", "upstreams"}),
     "budgets": frozenset({"users", "users_default"}),
     "budget_entry": frozenset({"weekly_usd", "daily_usd", "hourly_usd"}),
-    "invoices": frozenset({"email_to"}),
 }
 
 
