@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from admin.app import PREFIX as ADMIN_PREFIX
 from admin.app import create_admin_app
 from gateway.alerts import Alerts, alerts_ctx
+from gateway.anomaly import anomaly_watch
 from gateway.audit import AuditTrail
 from gateway.budget import Crossing
 from gateway.config import Settings
@@ -159,6 +160,7 @@ def create_app(settings: Settings, **parts: object) -> web.Application:
     app.cleanup_ctx.append(_resources(gw, gw.follow))
     assert gw.alerts is not None
     app.cleanup_ctx.append(alerts_ctx(gw.alerts))
+    app.cleanup_ctx.append(anomaly_watch(gw))
     app.cleanup_ctx.append(setup_forecast(gw))
     setup_routes(app)
     setup_ops(app)

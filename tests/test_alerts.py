@@ -120,6 +120,12 @@ def wait_for(check: Any, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
+def rows(stack: Stack) -> list[Any]:
+    """The outbox rows, newest first (queued events stored first)."""
+    assert stack.gw.alerts is not None
+    return stack.lt.run(stack.gw.alerts.deliveries(10))  # type: ignore[no-any-return]
+
+
 def spend_until_refused(stack: Stack) -> None:
     for _ in range(20):
         try:
@@ -184,7 +190,7 @@ def test_receiver_failing_three_times_gets_the_event_once(tmp_path: Path,
         time.sleep(0.5)
         assert receiver.calls == 4 and len(receiver.received) == 1
         assert receiver.received[0]["type"] == "alert.test"
-        [row] = stack.lt.run(stack.gw.ledger.outbox_list(10))
+        [row] = rows(stack)
         assert (row.status, row.attempts, row.last_error) == ("sent", 4, None)
         metric = stack.request("GET", "/metrics").body.decode()
         assert 'costwall_alerts_total{channel="ops",outcome="retry",type="alert.test"} 3.0' \
@@ -212,8 +218,8 @@ def test_refused_receiver_fails_visibly_without_retry(tmp_path: Path,
     try:
         stack.request("POST", "/admin/api/alerts/test", json={"channel": "ops"},
                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-        wait_for(lambda: stack.lt.run(stack.gw.ledger.outbox_list(10))[0].status == "failed")
-        [row] = stack.lt.run(stack.gw.ledger.outbox_list(10))
+        wait_for(lambda: [r.status for r in rows(stack)] == ["failed"])
+        [row] = rows(stack)
         assert row.attempts == 1 and row.last_error == "HTTP 404"
     finally:
         stack.close()
@@ -232,7 +238,7 @@ def test_hanging_receiver_does_not_slow_requests(tmp_path: Path, receiver: Recei
         elapsed = time.perf_counter() - started
         assert elapsed < 5, elapsed
         wait_for(lambda: any(r.last_error == "TimeoutError" for r in
-                             stack.lt.run(stack.gw.ledger.outbox_list(10))), timeout=15)
+                             rows(stack)), timeout=15)
     finally:
         stack.close()
 
@@ -410,5 +416,43 @@ def test_invoices_email_to_mails_pdf_and_csv_once(tmp_path: Path,
         assert len(names) == 4 and sum(n.endswith(".pdf") for n in names) == 2
         pdf = next(p for p in msg.iter_attachments() if p.get_filename().endswith(".pdf"))
         assert pdf.get_content().startswith(b"%PDF")
+    finally:
+        stack.close()
+
+
+def test_spend_anomaly_once_per_scope_and_hour(tmp_path: Path, receiver: Receiver) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.anomaly import check
+    from tests.test_invoice_auto import Clock
+
+    clock = Clock(datetime(2026, 10, 1, 0, 30, tzinfo=UTC))
+    stack = Stack(tmp_path, clock=clock, env={"TEST_WEBHOOK_SECRET": SECRET},
+                  alerts={**alerts_config(receiver.url), "anomaly": {"factor": 3}})
+    fast(stack.gw.alerts)
+    gw = stack.gw
+    try:
+        client = stack.client()
+        for hour in range(30):  # one request an hour: the history
+            clock.now = datetime(2026, 10, 1, 0, 30, tzinfo=UTC) + timedelta(hours=hour)
+            client.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5)
+        stack.flush()
+        assert stack.lt.run(check(gw, 3)) == 0  # an ordinary hour
+        clock.now += timedelta(hours=1)
+        for _ in range(2):  # twice the mean: not an anomaly at factor 3
+            client.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5)
+        stack.flush()
+        assert stack.lt.run(check(gw, 3)) == 0
+        for _ in range(6):  # eight times the mean
+            client.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5)
+        stack.flush()
+        assert stack.lt.run(check(gw, 3)) > 0
+        assert stack.lt.run(check(gw, 3)) > 0  # checked again: the same events
+        wait_for(lambda: receiver.of_type("spend.anomaly"))
+        time.sleep(0.5)
+        events = receiver.of_type("spend.anomaly")
+        scopes = sorted((e["data"]["scope"], e["data"]["id"]) for e in events)
+        assert scopes == sorted(set(scopes)) and ("tenant", "acme") in scopes
+        assert all(e["data"]["window"] == "hourly" for e in events)
     finally:
         stack.close()
