@@ -68,7 +68,7 @@ def forecast_exceeded_event(f: ScopeForecast, arm: int = 0) -> dict[str, Any]:
     ident = hashlib.sha256(
         f"budget.forecast_exceeded|{f.scope}|{f.id}|{f.period}|{arm}".encode()).hexdigest()
     return {"type": "budget.forecast_exceeded", "id": f"evt_{ident[:32]}",
-            "data": {"scope": f.scope, "id": f.id, "window": "month", "period": f.period,
+            "data": {"scope": f.scope, "id": f.id, "window": "monthly", "period": f.period,
                      "limit_usd": format_usd(f.limit),
                      "spent_usd": format_usd(f.projection.spent),
                      "projected_usd": format_usd(f.projection.projected),

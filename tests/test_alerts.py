@@ -456,3 +456,42 @@ def test_spend_anomaly_once_per_scope_and_hour(tmp_path: Path, receiver: Receive
         assert all(e["data"]["window"] == "hourly" for e in events)
     finally:
         stack.close()
+
+
+def test_forecast_exceeded_is_sent_once(tmp_path: Path, receiver: Receiver) -> None:
+    from datetime import UTC, datetime
+
+    from tests.test_invoice_auto import Clock
+
+    clock = Clock(datetime(2026, 11, 1, 9, tzinfo=UTC))
+    stack = Stack(tmp_path, clock=clock, env={"TEST_WEBHOOK_SECRET": SECRET},
+                  alerts={**alerts_config(receiver.url),
+                          "rules": [{"events": ["budget.forecast_exceeded"],
+                                     "channels": ["ops"]}]})
+    fast(stack.gw.alerts)
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        raw = stack.client().chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=MSG, max_tokens=20)
+        cost = Decimal(raw.headers["X-Costwall-Cost-Usd"])
+        for day in range(1, 10):
+            clock.now = datetime(2026, 11, day, 10, tzinfo=UTC)
+            for _ in range(2 if day > 1 else 1):
+                stack.client().chat.completions.create(model="gpt-4o-mini", messages=MSG,
+                                                       max_tokens=20)
+        stack.flush()
+        clock.now = datetime(2026, 11, 10, 12, tzinfo=UTC)
+        assert stack.request("PUT", "/admin/api/budgets/agent/content", headers=auth,
+                             json={"monthly_usd": str(30 * cost)}).status == 200
+        for _ in range(2):
+            assert stack.request("GET", "/admin/api/forecast", headers=auth).status == 200
+        wait_for(lambda: receiver.of_type("budget.forecast_exceeded"))
+        time.sleep(0.5)
+        [event] = receiver.of_type("budget.forecast_exceeded")
+        data = event["data"]
+        assert (data["scope"], data["id"], data["window"]) == ("agent", "content", "monthly")
+        assert Decimal(data["projected_usd"]) > Decimal(data["limit_usd"])
+        assert data["exhausts_at"].startswith("2026-11-1")
+        assert receiver.of_type("cap.changed") == []  # routed by the rule: forecasts only
+    finally:
+        stack.close()
