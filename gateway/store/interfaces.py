@@ -1,6 +1,6 @@
 """The store's small interfaces: what each caller needs from the database, and no more.
 
-Both backends (``gateway.store.sqlite`` and ``gateway.store.postgres``) implement all four;
+Both backends (``gateway.store.sqlite`` and ``gateway.store.postgres``) implement all five;
 each caller is typed against the part it uses, so a new backend (or a fake in a test) knows
 exactly what it must provide, in the spirit of httpx's transports:
 
@@ -13,6 +13,7 @@ exactly what it must provide, in the spirit of httpx's transports:
 - ``Reports``: usage, entries, periods, overshoot and the spend budgets start from.
 - ``AuditQueue``: the audit trail's durable queue and the anchor of its hash chain
   (``gateway.audit.AuditTrail``).
+- ``Outbox``: the alerts' durable outbox (``gateway.alerts``), rows claimed with a lease.
 """
 
 from __future__ import annotations
