@@ -118,6 +118,7 @@ class Alerts:
         self.backoff_s = 5.0
         self.poll_s = 1.0
         self.timeout_s = TIMEOUT_S
+        self.lease_s = LEASE_S
         self.max_attempts = MAX_ATTEMPTS
         self.give_up_s = GIVE_UP_S
         # ``invoices.email_to``: an email channel that receives ``invoice.issued`` only, with
@@ -214,7 +215,7 @@ class Alerts:
 
     async def send_due(self) -> int:
         """Claim due rows and deliver them concurrently; return how many were attempted."""
-        rows = await self.outbox.outbox_claim(self.clock(), LEASE_S, 50)
+        rows = await self.outbox.outbox_claim(self.clock(), self.lease_s, 50)
         if rows:
             await asyncio.gather(*(self._attempt(r) for r in rows))
         return len(rows)

@@ -495,3 +495,42 @@ def test_forecast_exceeded_is_sent_once(tmp_path: Path, receiver: Receiver) -> N
         assert receiver.of_type("cap.changed") == []  # routed by the rule: forecasts only
     finally:
         stack.close()
+
+
+def test_a_dead_senders_claim_is_taken_over_and_sent_once(tmp_path: Path,
+                                                          receiver: Receiver) -> None:
+    """A replica that claimed a delivery and died (kill -9: no finish) holds only a lease;
+    once it expires another sender delivers the event, once, with the same webhook-id."""
+    from gateway.store import open_ledger
+    from gateway.store.interfaces import OutboxRow
+
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    body = orjson.dumps({"type": "alert.test", "id": "evt_dead", "timestamp": "x",
+                         "data": {}}).decode()
+    lt = LoopThread()
+
+    async def dead_replica() -> int:
+        ledger = open_ledger(db)
+        await ledger.start()
+        now = time.time()
+        await ledger.outbox_add([OutboxRow("evt_dead", "ops", "alert.test", body, now,
+                                           next_at=now)])
+        claimed = await ledger.outbox_claim(now, 2.0, 10)
+        assert await ledger.outbox_claim(now, 2.0, 10) == []  # leased: nobody else takes it
+        await ledger.close()  # and never finishes
+        return len(claimed)
+
+    assert lt.run(dead_replica()) == 1
+    lt.stop()
+    started = time.monotonic()
+    stack = alert_stack(tmp_path / "gw", receiver.url, database=db)
+    try:
+        wait_for(lambda: receiver.received, timeout=10)
+        assert time.monotonic() - started > 1.0  # not before the lease expired
+        time.sleep(0.5)
+        assert [r["id"] for r in receiver.received] == ["evt_dead"]
+        assert receiver.received[0]["headers"]["webhook-id"] == "evt_dead"
+        [row] = rows(stack)
+        assert (row.status, row.attempts) == ("sent", 2)
+    finally:
+        stack.close()
