@@ -156,3 +156,7 @@ def setup_api(app: web.Application) -> None:
     r.add_get("/api/keys", get_keys)
     r.add_post("/api/keys", post_key)
     r.add_delete("/api/keys/{name}", delete_key)
+    from admin.alerts_api import get_alerts, post_alert_test
+
+    r.add_get("/api/alerts", get_alerts)
+    r.add_post("/api/alerts/test", post_alert_test)

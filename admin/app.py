@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from admin.alerts_page import setup_alerts_page
 from admin.api import setup_api
 from admin.auth import AUTH, AdminAuth
 from admin.budget_page import setup_budget
@@ -44,6 +45,7 @@ def create_admin_app(gw: Gateway) -> web.Application:
     setup_login(app)
     setup_pages(app)
     setup_budget(app)
+    setup_alerts_page(app)
     setup_keys(app)
     setup_api(app)
     app.router.add_static("/static", STATIC, name="admin_static")

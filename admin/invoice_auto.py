@@ -168,7 +168,24 @@ async def check(gw: Gateway, issuer: str) -> dict[str, Any] | None:
     await gw.ledger.set_setting(setting_key(month), orjson.dumps(record).decode())
     event = invoice_issued_event(record)
     log.info("invoices %s issued: %d file sets (event %s)", month, len(items), event["id"])
+    if gw.alerts is not None:
+        gw.alerts.emit_event(event)
     return record
+
+
+def invoice_files(gw: Gateway, event: dict[str, Any]) -> list[tuple[str, bytes, str]]:
+    """The PDF and CSV files of an ``invoice.issued`` event, to attach to its e-mail (read in
+    a worker thread by the alerts sender)."""
+    from admin import invoices as inv
+
+    data = event.get("data") or {}
+    out = []
+    for item in data.get("invoices") or []:
+        pdf, csv_path = inv.invoice_paths(gw.settings.reports_dir, str(data.get("month")),
+                                          item.get("tenant"))
+        out += [(pdf.name, pdf.read_bytes(), "application/pdf"),
+                (csv_path.name, csv_path.read_bytes(), "text/csv")]
+    return out
 
 
 async def stored_file(gw: Gateway, month: str, tenant: str | None, kind: str) -> bytes | None:
@@ -209,6 +226,8 @@ def automation(app: web.Application) -> Any:
     async def run(app: web.Application) -> AsyncIterator[None]:
         gw = app[GATEWAY]
         task = None
+        if gw.alerts is not None:
+            gw.alerts.attachments = lambda event: invoice_files(gw, event)
         if gw.settings.invoices_auto:
             issuer = f"{gw.ledger.replica}/{uuid.uuid4().hex[:8]}"
             wake = gw.extras[WAKE] = asyncio.Event()

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from admin import validate
 from admin.errors import BadInput, Conflict, Missing
+from gateway.alerts import event_id
 from gateway.budget import ScopeKey, ScopeStatus, WarnRule
 from gateway.config import hash_key
 from gateway.errors import ServiceUnavailable
@@ -189,6 +190,8 @@ async def set_override(gw: Gateway, enabled: bool, reason: object,
     await _commit(gw, gw.ledger.set_setting(OVERRIDE_SETTING, state.to_json(),
                                             audit=audit))
     gw.overrides.state = state
+    _alert(gw, "override.changed", now, {"enabled": enabled, "reason": text or None,
+                                         "actor": actor, "changed_at": now})
     return state
 
 
@@ -206,6 +209,7 @@ async def set_cap(gw: Gateway, key: ScopeKey, limit: int, actor: str, reason: st
                          f"monthly_usd {before} → {format_usd(limit)}", reason)
     await _commit(gw, gw.ledger.set_cap(key, limit, audit=audit))
     await gw.budgets.set_limit(key, limit)
+    _cap_alert(gw, key, old, limit, actor)
 
 
 async def remove_cap(gw: Gateway, key: ScopeKey, actor: str, reason: str = "") -> None:
@@ -217,6 +221,23 @@ async def remove_cap(gw: Gateway, key: ScopeKey, actor: str, reason: str = "") -
                          f"monthly_usd {format_usd(old)} → none", reason)
     await _commit(gw, gw.ledger.set_cap(key, None, audit=audit))
     await gw.budgets.set_limit(key, None)
+    _cap_alert(gw, key, old, None, actor)
+
+
+def _alert(gw: Gateway, event_type: str, unique: str, data: dict[str, Any]) -> None:
+    """Record an admin change's alert; its id is unique to this change."""
+    if gw.alerts is not None and gw.alerts.enabled:
+        gw.alerts.emit(event_type, event_id(event_type, unique, *sorted(data.items())), data)
+
+
+def _cap_alert(gw: Gateway, key: ScopeKey, old: int | None, new: int | None,
+               actor: str) -> None:
+    now = gw.clock().astimezone(UTC).isoformat(timespec="microseconds")
+    _alert(gw, "cap.changed", now, {
+        "scope": key[0], "id": key[1], "window": "monthly",
+        "old_limit_usd": None if old is None else format_usd(old),
+        "limit_usd": None if new is None else format_usd(new), "actor": actor,
+        "changed_at": now})
 
 
 # -- virtual keys ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ FLASH_COOKIE = "costwall_flash"
 OUTGOING = web.RequestKey("costwall_admin_flash", list)
 NAV = (("dashboard", "/admin", "Dashboard"), ("budget", "/admin/budget", "Budget"),
        ("invoices", "/admin/invoices", "Invoices"), ("logs", "/admin/logs", "Logs"),
-       ("keys", "/admin/keys", "Keys"))
+       ("keys", "/admin/keys", "Keys"), ("alerts", "/admin/alerts", "Alerts"))
 
 
 FILTERS: dict[str, Callable[..., str]] = {

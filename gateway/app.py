@@ -21,9 +21,12 @@ from prometheus_client import CollectorRegistry
 
 from admin.app import PREFIX as ADMIN_PREFIX
 from admin.app import create_admin_app
+from gateway.alerts import Alerts, alerts_ctx
+from gateway.anomaly import anomaly_watch
 from gateway.audit import AuditTrail
 from gateway.budget import Crossing
 from gateway.config import Settings
+from gateway.config.alerts import Channel
 from gateway.errors import GatewayError, NotFound
 from gateway.forecast_service import setup_forecast
 from gateway.keys import KeyRing
@@ -134,6 +137,12 @@ def build_gateway(
     gw = Gateway(settings, prices, store.ledger, store.budgets, KeyRing(settings.keys),
                  AuditTrail(settings.logs_dir, clock, store.audit, tz=settings.budgets.tz),
                  metrics, clock, follow=store.follow)
+    # Real time, not the injected clock: leases, backoff and webhook-timestamp are wall time.
+    gw.alerts = Alerts(settings.alerts, store.ledger, metrics.alerts,
+                       admin_url=ADMIN_PREFIX + "/alerts")
+    if settings.invoices.email_to:
+        gw.alerts.invoice_mail = Channel("invoices.email_to", "email",
+                                         to=settings.invoices.email_to)
     return gw
 
 
@@ -149,6 +158,9 @@ def create_app(settings: Settings, **parts: object) -> web.Application:
                           handler_args={"keepalive_timeout": settings.header_timeout_s})
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources(gw, gw.follow))
+    assert gw.alerts is not None
+    app.cleanup_ctx.append(alerts_ctx(gw.alerts))
+    app.cleanup_ctx.append(anomaly_watch(gw))
     app.cleanup_ctx.append(setup_forecast(gw))
     setup_routes(app)
     setup_ops(app)

@@ -68,7 +68,7 @@ def forecast_exceeded_event(f: ScopeForecast, arm: int = 0) -> dict[str, Any]:
     ident = hashlib.sha256(
         f"budget.forecast_exceeded|{f.scope}|{f.id}|{f.period}|{arm}".encode()).hexdigest()
     return {"type": "budget.forecast_exceeded", "id": f"evt_{ident[:32]}",
-            "data": {"scope": f.scope, "id": f.id, "window": "month", "period": f.period,
+            "data": {"scope": f.scope, "id": f.id, "window": "monthly", "period": f.period,
                      "limit_usd": format_usd(f.limit),
                      "spent_usd": format_usd(f.projection.spent),
                      "projected_usd": format_usd(f.projection.projected),
@@ -88,6 +88,8 @@ class ForecastService:
         self._cache: dict[str, tuple[float, dict[ScopeKey, int], list[ScopeForecast]]] = {}
         self._lock = asyncio.Lock()
         self._fired: dict[ScopeKey, tuple[str, int, bool]] = {}  # period, arm, above
+        # Receives ``budget.forecast_exceeded`` events (``gateway.alerts.Alerts.emit_event``).
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
         self._scans: dict[tuple[str, frozenset[ScopeKey]],
                           tuple[float, dict[ScopeKey, dict[int, int]]]] = {}
 
@@ -200,6 +202,8 @@ class ForecastService:
                 log.warning("forecast: %s:%s projected $%s by month end, above its limit $%s "
                             "(event %s)", f.scope, f.id, format_usd(projected),
                             format_usd(f.limit), event["id"])
+                if self.on_event is not None:
+                    self.on_event(event)
                 above = True
             elif above and projected * 100 < f.limit * (100 - REARM_MARGIN):
                 above, arm = False, arm + 1
@@ -241,6 +245,8 @@ def setup_forecast(gw: Any) -> Callable[[Any], Any]:
         gw.ledger, lambda: {k: v for k, v in gw.budgets.limits.items() if v is not None},
         gw.clock, gw.budgets.current_period)
     gw.extras[FORECASTS] = service
+    if gw.alerts is not None:
+        service.on_event = gw.alerts.emit_event
     gw.metrics.registry.register(service.collector())
 
     async def refresh(_app: Any) -> Any:

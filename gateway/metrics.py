@@ -152,6 +152,8 @@ class Metrics:
             "costwall_budget_overshoot_usd",
             "Charged beyond the reserved upper bound (USD), per kind of capped scope: an "
             "upstream billed past the documented bound.", ["scope"], registry=r)
+        self.alerts = Counter("costwall_alerts", "Alert delivery attempts by outcome (sent, "
+                              "retry, failed).", ["channel", "type", "outcome"], registry=r)
         self.usage_invalid = Counter(
             "costwall_usage_invalid",
             "Upstream usages not believed (malformed or beyond what the request allows).",

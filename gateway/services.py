@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.alerts import Alerts, event_id
 from gateway.audit import AuditRow, AuditTrail
 from gateway.budget import Budgets, Crossing
 from gateway.config import Settings
@@ -87,6 +88,7 @@ class Gateway:
     extras: dict[str, Any] = field(default_factory=dict)
     # Starts the task that follows admin changes made by other replicas (shared stores).
     follow: Callable[[Gateway], asyncio.Task[None]] | None = None
+    alerts: Alerts | None = None  # set by ``build_gateway``
 
     # -- label hygiene: only configured names become metric labels ----------------------------
     def agent_label(self, agent: str) -> str:
@@ -98,6 +100,15 @@ class Gateway:
         self.metrics.child(self.metrics.requests, "blocked", call.price.name).inc()
         self.audit.record("blocked", self._execution(call, exc.scope, exc.scope_id, exc.limit,
                                                      exc.spent, exc.estimate, exc.message))
+        if self.alerts is not None and self.alerts.enabled and exc.scope:
+            # Once per scope and period: the id is the same for every later refusal.
+            period = self.budgets.current_period()
+            self.alerts.emit("budget.exhausted", event_id(
+                "budget.exhausted", exc.scope, exc.scope_id, period), {
+                    "scope": exc.scope, "id": exc.scope_id, "window": "monthly",
+                    "period": period,
+                    "limit_usd": format_usd(exc.limit) if exc.limit is not None else None,
+                    "spent_usd": format_usd(exc.spent) if exc.spent is not None else None})
 
     def record_settled(self, call: Call, cost: int, crossings: list[Crossing]) -> None:
         model = call.price.name
@@ -172,6 +183,12 @@ class Gateway:
                 "scope": c.scope, "id": c.id, "period": c.period,
                 "threshold": f"{int(c.threshold * 100)}%", "limit_usd": format_usd(c.limit),
                 "spent_usd": format_usd(c.spent)})
+            if self.alerts is not None and self.alerts.enabled:
+                self.alerts.emit("budget.threshold", event_id(
+                    "budget.threshold", c.scope, c.id, c.period, c.threshold), {
+                        "scope": c.scope, "id": c.id, "window": "monthly", "period": c.period,
+                        "limit_usd": format_usd(c.limit), "spent_usd": format_usd(c.spent),
+                        "threshold": str(c.threshold)})
 
     def _execution(self, call: Call, scope: str, scope_id: str, limit: int | None,
                    spent: int | None, estimate: int, reason: str) -> dict[str, Any]:

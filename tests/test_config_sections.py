@@ -101,7 +101,8 @@ def test_unknown_key_tables_are_derived_from_the_declarations_and_unchanged() ->
     by_hand = {
         "": frozenset({"server", "upstream", "database", "logs_dir", "reports_dir", "pricing",
                        "unknown_model", "admin", "budgets", "override", "keys", "logging",
-                       "limits", "invoices", "ledger"}),
+                       "limits", "invoices", "ledger", "alerts"}),
+        "alerts": frozenset({"channels", "rules", "allow_private_targets", "anomaly", "smtp"}),
         "server": frozenset({"host", "port"}),
         "upstream": frozenset({"base_url", "api_key_env", "timeout_s", "connect_timeout_s",
                                "max_connections"}),
@@ -116,7 +117,7 @@ def test_unknown_key_tables_are_derived_from_the_declarations_and_unchanged() ->
                           "can_override"}),
         "limits": frozenset({"max_body_bytes", "shutdown_grace_s", "header_timeout_s"}),
         "logging": frozenset({"format", "level", "access"}),
-        "invoices": frozenset({"company", "auto"}),
+        "invoices": frozenset({"company", "auto", "email_to"}),
         "override": frozenset({"allow"}),
     }
     assert by_hand == SECTION_KEYS

@@ -101,7 +101,7 @@ budgets:
   agents: {research: {weekly_usd: 150}}
   users_default: {daily_usd: 2}
   tenants: {acme: {monthly_usd: null}, beta: {}, gamma: {monthly_usd: lots}}
-invoices: {email_to: [finance@example.com]}
+invoices: {email_to: [finance-at-example.com]}
 keys:
   - {name: a, key: sk-cw-a}
   - {key: sk-cw-b, tenant: t, agents: content}
@@ -111,7 +111,7 @@ keys:
             "rate_limits: not supported by this version of costwall yet",
             "budgets.agents.research.weekly_usd: not supported by this version of costwall yet",
             "budgets.users_default: not supported by this version of costwall yet",
-            "invoices.email_to: not supported by this version of costwall yet",
+            "invoices.email_to: expected a list of e-mail addresses",
             'budgets.tenants.acme.monthly_usd: expected an amount in USD such as 200 or "12.50",'
             " got nothing",
             "budgets.tenants.beta: needs monthly_usd (the cap in USD per calendar month, "

@@ -238,3 +238,18 @@ def resolve_database(url: str, base: Path) -> str:
     if rest == ":memory:" or not rest:
         return url
     return f"sqlite:///{resolve_path(rest, base)}"
+
+
+@dataclass(frozen=True)
+class Addresses(Kind):
+    """A list of e-mail addresses (a single string is one address)."""
+
+    def parse(self, value: Any, where: str, problems: list[str],
+              base: Path | None) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or any(
+                not isinstance(a, str) or not re.fullmatch(r"[^@\s]+@[^@\s]+", a)
+                for a in items):
+            problems.append(f"{where}: expected a list of e-mail addresses")
+            return ()
+        return tuple(items)

@@ -12,6 +12,7 @@ from typing import Self
 
 from gateway.config.fields import Context, Section, setting
 from gateway.config.kinds import (
+    Addresses,
     AutoBool,
     Bool,
     Choice,
@@ -155,6 +156,8 @@ class InvoiceSettings(Section):
     company: str = setting("costwall", "name on invoices", Text())
     auto: bool = setting(False, "issue last month's invoices once the month has closed (one "
                          "replica, no cron)", Bool())
+    email_to: tuple[str, ...] = setting((), "mail issued invoices (PDF and CSV) to these "
+                                        "addresses (uses alerts.smtp)", Addresses())
 
 
 @dataclass(frozen=True, slots=True)

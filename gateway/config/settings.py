@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gateway.config.alerts import AlertSettings
 from gateway.config.budgets import BudgetSettings
 from gateway.config.fields import Section
 from gateway.config.keys import VirtualKey
@@ -66,6 +67,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     invoices: InvoiceSettings = field(default_factory=InvoiceSettings)
     override: OverrideSettings = field(default_factory=OverrideSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     keys: tuple[VirtualKey, ...] = ()
 
     def __init__(self, **values: Any) -> None:
@@ -209,6 +211,6 @@ SECTIONS: dict[str, type[Section]] = {
     "server": ServerSettings, "upstream": UpstreamSettings, "ledger": LedgerSettings,
     "general": GeneralSettings, "admin": AdminSettings, "budgets": BudgetSettings,
     "limits": LimitsSettings, "logging": LoggingSettings, "invoices": InvoiceSettings,
-    "override": OverrideSettings,
+    "override": OverrideSettings, "alerts": AlertSettings,
 }
 assert {*SECTIONS, "keys"} == set(Settings.__dataclass_fields__)

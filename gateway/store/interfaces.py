@@ -1,6 +1,6 @@
 """The store's small interfaces: what each caller needs from the database, and no more.
 
-Both backends (``gateway.store.sqlite`` and ``gateway.store.postgres``) implement all four;
+Both backends (``gateway.store.sqlite`` and ``gateway.store.postgres``) implement all five;
 each caller is typed against the part it uses, so a new backend (or a fake in a test) knows
 exactly what it must provide, in the spirit of httpx's transports:
 
@@ -13,10 +13,12 @@ exactly what it must provide, in the spirit of httpx's transports:
 - ``Reports``: usage, entries, periods, overshoot and the spend budgets start from.
 - ``AuditQueue``: the audit trail's durable queue and the anchor of its hash chain
   (``gateway.audit.AuditTrail``).
+- ``Outbox``: the alerts' durable outbox (``gateway.alerts``), rows claimed with a lease.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -130,5 +132,41 @@ class AuditQueue(Protocol):
     async def flush(self) -> None: ...
 
 
-class Ledger(Lifecycle, RequestLog, AdminState, Reports, AuditQueue, Protocol):
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One alert for one channel (``gateway.alerts``). Times are Unix seconds; ``status`` is
+    pending, sent or failed; ``attempts`` counts claims (a claim is an attempt begun)."""
+
+    event_id: str
+    channel: str
+    type: str
+    body: str
+    created_at: float
+    status: str = "pending"
+    attempts: int = 0
+    next_at: float = 0.0
+    last_error: str | None = None
+    sent_at: float | None = None
+
+
+class Outbox(Protocol):
+    """The alerts' durable outbox: stored before the first attempt, claimed with a lease so
+    one replica sends each (event, channel)."""
+
+    async def outbox_add(self, rows: list[OutboxRow]) -> None:
+        """Store rows; an (event id, channel) already stored is left as it is."""
+
+    async def outbox_claim(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
+        """Take up to ``limit`` due pending rows whose lease expired, lease them until
+        ``now + lease_s`` and count the attempt."""
+
+    async def outbox_finish(self, event_id: str, channel: str, status: str, next_at: float,
+                            error: str | None, now: float) -> None:
+        """Record an attempt's outcome (sent, failed, or pending again at ``next_at``)."""
+
+    async def outbox_list(self, limit: int) -> list[OutboxRow]:
+        """The most recent rows, newest first."""
+
+
+class Ledger(Lifecycle, RequestLog, AdminState, Reports, AuditQueue, Outbox, Protocol):
     """A whole backend: every part above (what ``open_store`` opens)."""

@@ -36,6 +36,7 @@ from gateway.ledger import (
     KeyRecord,
     LedgerEntry,
 )
+from gateway.store.outbox_sql import PgOutbox
 from gateway.store.pg_audit import _INSERT_AUDIT, PgAuditQueue
 from gateway.store.pg_reports import _COST, PgReports, _int
 from gateway.store.pg_schema import migrate
@@ -64,7 +65,7 @@ def replica_id() -> str:
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class PostgresLedger(PgReports, PgAuditQueue):
+class PostgresLedger(PgReports, PgAuditQueue, PgOutbox):
     """The shared ledger; see ``gateway.store.interfaces`` for the contract."""
 
     def __init__(self, url: str, pool_size: int = 10, replica: str | None = None,

@@ -42,6 +42,7 @@ from gateway.budget import Reservation, ScopeKey
 from gateway.ledger import COLUMNS, KeyRecord, LedgerEntry
 from gateway.store.group_commit import GroupCommit, resolve
 from gateway.store.journal import Journal
+from gateway.store.outbox_sql import SqliteOutbox
 from gateway.store.sqlite_file import StorageLost, _WriteConnection, check_file
 from gateway.store.sqlite_reports import SqliteReports
 from gateway.store.sqlite_sql import (
@@ -67,7 +68,7 @@ CHECKPOINT_EVERY = 256  # writer commits between WAL checkpoints (in the writer 
 IDENTITY_CHECK_S = 0.2  # ``begin`` re-checks that the database file is still there this often
 
 
-class SqliteLedger(SqliteReports):
+class SqliteLedger(SqliteReports, SqliteOutbox):
     """The embedded ledger. One process owns the file; see ``gateway.store.interfaces``."""
 
     def __init__(self, path: str | Path, synchronous: str = "NORMAL", replica: str = "local"):

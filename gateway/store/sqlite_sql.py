@@ -65,6 +65,18 @@ MIGRATIONS: list[str] = [
     ALTER TABLE requests ADD COLUMN overshoot INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX requests_overshoot ON requests (period) WHERE overshoot > 0;
     """,
+    # 5: the alerts' durable outbox, one row per (event, channel) (gateway.alerts)
+    """
+    CREATE TABLE alert_outbox (
+        event_id TEXT NOT NULL, channel TEXT NOT NULL, type TEXT NOT NULL, body TEXT NOT NULL,
+        created_at REAL NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0,
+        lease_until REAL NOT NULL DEFAULT 0, last_error TEXT, sent_at REAL,
+        PRIMARY KEY (event_id, channel)
+    );
+    CREATE INDEX alert_outbox_due ON alert_outbox (next_at) WHERE status = 'pending';
+    CREATE INDEX alert_outbox_recent ON alert_outbox (created_at);
+    """,
 ]
 
 _INSERT_AUDIT = "INSERT INTO audit_events (ts, kind, data) VALUES (?, ?, ?)"
