@@ -9,7 +9,7 @@ Rendering is sandboxed: the PDF template is Jinja2 with autoescape on, and xhtml
 ``admin.pdf_sandbox`` (bundled assets only, no network). Campaign names and other
 request-supplied text are untrusted throughout.
 
-Used by ``costwall invoice`` (``invoice_command``) and by the admin routes, which call
+Used by ``costwall invoice`` (``admin.invoice_cli``) and by the admin routes, which call
 ``build_invoice`` then ``render_pdf`` / ``render_csv`` (``render_pdf`` is CPU-bound: run it in a
 thread, e.g. ``await asyncio.to_thread(render_pdf, invoice)``).
 """
@@ -17,14 +17,9 @@ thread, e.g. ``await asyncio.to_thread(render_pdf, invoice)``).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import os
-import re
-import sys
-import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
@@ -34,6 +29,16 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 
+from admin.invoice_text import (  # re-exported: the invoice API in one place
+    _period_dates,
+    allocate_cents,
+    display_label,
+    format_cents,
+    invoice_number,
+    round_half_up_cents,
+    safe_name,
+    validate_period,
+)
 from admin.pdf_sandbox import (  # re-exported: the invoice API in one place
     ASSETS,
     BUNDLED_ASSETS,
@@ -44,16 +49,11 @@ from admin.pdf_sandbox import (  # re-exported: the invoice API in one place
 from gateway.budget import period_of
 from gateway.config import Settings
 from gateway.ledger import LedgerEntry
-from gateway.money import PICO_PER_USD, format_usd
-from gateway.store import open_ledger
+from gateway.money import format_usd
 from gateway.store.interfaces import Ledger
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-PICO_PER_CENT = PICO_PER_USD // 100
-PERIOD_RE = re.compile(r"(?P<year>[0-9]{4})-(?P<month>0[1-9]|1[0-2])")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_LINES = 60  # per breakdown table; the rest fold into one "other" line (the CSV has all)
-LABEL_CHARS = 60
 CSV_COLUMNS = (
     "timestamp", "request_id", "tenant", "agent", "campaign", "task", "model",
     "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_usd",
@@ -65,7 +65,7 @@ __all__ = [  # the invoice API, including what it re-exports from admin.pdf_sand
     "ASSETS", "BUNDLED_ASSETS", "CSV_COLUMNS", "MAX_LINES", "Breakdown", "Invoice",
     "InvoiceRenderError", "InvoiceSource", "Line", "NoActivity", "allocate_cents",
     "build_invoice", "charge",
-    "display_label", "format_cents", "html_to_pdf", "invoice_command", "invoice_files",
+    "display_label", "format_cents", "html_to_pdf", "invoice_files",
     "invoice_number", "invoice_paths", "link_callback", "make_invoice", "neutralise",
     "render_csv", "render_html", "render_pdf", "round_half_up_cents", "safe_name",
     "validate_period", "write_invoice",
@@ -179,36 +179,10 @@ class Invoice:
 
 
 # -- money ------------------------------------------------------------------------------------
-def round_half_up_cents(pico: int) -> int:
-    """Exact pico-USD to whole cents, half a cent rounding up (costs are never negative)."""
-    return (pico + PICO_PER_CENT // 2) // PICO_PER_CENT
 
 
-def allocate_cents(amounts: Sequence[int]) -> list[int]:
-    """Round exact pico-USD lines to cents so that they add up to the rounded exact total.
-
-    The rule (largest remainder): the total is ``round_half_up_cents(sum(amounts))``; every line
-    starts at its amount rounded down to the cent, and the cents still missing to reach the
-    total go one each to the lines whose dropped fractions are largest (ties: the line printed
-    first). So each printed line is its exact amount rounded down or up (never a whole cent
-    away), the lines sum to the total exactly, and the total is the exact sum rounded. Naive
-    per-line rounding would not do this: three lines of $0.005 round to $0.03, their exact sum
-    of $0.015 to $0.02.
-
-    >>> allocate_cents([5 * 10**9, 5 * 10**9, 5 * 10**9])   # $0.005 three times
-    [1, 1, 0]
-    """
-    floors = [a // PICO_PER_CENT for a in amounts]
-    short = round_half_up_cents(sum(amounts)) - sum(floors)  # 0 <= short <= len(amounts)
-    by_fraction = sorted(range(len(amounts)), key=lambda i: (-(amounts[i] % PICO_PER_CENT), i))
-    for i in by_fraction[:short]:
-        floors[i] += 1
-    return floors
 
 
-def format_cents(cents: int) -> str:
-    """``123456`` → ``'1,234.56'``."""
-    return f"{cents // 100:,}.{cents % 100:02d}"
 
 
 def charge(entry: LedgerEntry) -> int:
@@ -227,54 +201,14 @@ class NoActivity(ValueError):
     A "Final" invoice of $0.00 for a month costwall never saw would look like a statement
     that nothing was used; the running month, even empty, gets its interim statement.
     """
-def validate_period(period: str) -> str:
-    """``YYYY-MM`` or ValueError; nothing else (no paths, no ``2026-1``, no month 13)."""
-    if not isinstance(period, str) or PERIOD_RE.fullmatch(period) is None:
-        raise ValueError(f"invalid month {str(period)[:40]!r}: expected YYYY-MM, e.g. 2026-11")
-    if not "1970-01" <= period < "9999-12":  # the month after must exist too
-        raise ValueError(f"invalid month {period!r}: out of range")
-    return period
 
 
-def safe_name(tenant: str) -> str:
-    """A tenant as a file-name and invoice-number part: itself when plain, else a safe form.
-
-    Plain means letters, digits, ``.``, ``_`` and ``-`` (not leading), at most 64 characters.
-    Anything else keeps its plain characters and gains a short hash, so two tenants never
-    share a name and no ``/``, ``..`` or control character reaches a path.
-    """
-    if _SAFE_NAME.fullmatch(tenant) and ".." not in tenant:
-        return tenant
-    plain = re.sub(r"[^A-Za-z0-9_-]+", "_", tenant).strip("_")[:40] or "tenant"
-    return f"{plain}-{hashlib.sha256(tenant.encode()).hexdigest()[:8]}"
 
 
-def invoice_number(period: str, tenant: str | None) -> str:
-    """Stable per month and tenant; a name unfit for a file name gets a hash suffix.
-
-    >>> invoice_number("2026-11", "acme"), invoice_number("2026-11", None)
-    ('CW-2026-11-ACME', 'CW-2026-11-ALL')
-    >>> invoice_number("2026-11", "../etc")
-    'CW-2026-11-ETC-F7F9121F'
-    """
-    return f"CW-{period}-{safe_name(tenant).upper() if tenant is not None else 'ALL'}"
 
 
-def _period_dates(period: str) -> tuple[date, date]:
-    year, month = int(period[:4]), int(period[5:7])
-    start = date(year, month, 1)
-    following = date(year + month // 12, month % 12 + 1, 1)
-    return start, following - timedelta(days=1)
 
 
-def display_label(text: str | None, empty: str) -> str:
-    """Untrusted text as a table label: control characters out, long names shortened."""
-    if not text:
-        return empty
-    cleaned = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
-                      for ch in text)
-    cleaned = " ".join(cleaned.split()) or empty
-    return cleaned if len(cleaned) <= LABEL_CHARS else cleaned[: LABEL_CHARS - 1] + "…"
 
 
 def _lines(groups: dict[str, list[LedgerEntry]], order: str, other: str) -> tuple[
@@ -459,63 +393,7 @@ def write_invoice(invoice: Invoice, pdf_path: Path, csv_path: Path) -> None:
     _write_atomic(csv_path, text)
 
 
-@dataclass
-class _LedgerOnly:
-    """The ``InvoiceSource`` of the CLI: a ledger opened beside (or without) a running gateway."""
-
-    settings: Settings
-    ledger: Ledger
-    clock: Callable[[], datetime]
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"costwall invoice: {message}", file=sys.stderr)
-    return code
 
 
-async def invoice_command(settings: Settings, month: str | None, tenant: str | None,
-                          out: Path | None) -> int:
-    """``costwall invoice [YYYY-MM] [--tenant T] [--out DIR]``: write PDF + CSV, print paths."""
-    import asyncio
-
-    def clock() -> datetime:
-        return datetime.now(UTC)
-
-    period = month or period_of(clock(), settings.budgets.tz)
-    try:
-        validate_period(period)
-    except ValueError as exc:
-        return _fail(str(exc), 2)
-    if tenant is not None and not tenant.strip():
-        return _fail("--tenant must not be empty", 2)
-    directory = out if out is not None else settings.general.reports_dir / "invoices"
-    pdf_path, csv_path = invoice_files(directory, period, tenant)
-    ledger = open_ledger(settings.database, synchronous=settings.db_synchronous, pool_size=2)
-    try:
-        await ledger.start()
-        try:
-            invoice = await build_invoice(_LedgerOnly(settings, ledger, clock), period, tenant)
-            issued = await ledger.get_setting(f"invoices.issued.{period}")
-        finally:
-            await ledger.close()
-    except NoActivity as exc:
-        return _fail(str(exc), 1)
-    except Exception as exc:  # a database that is down or unreadable: say so, no traceback
-        return _fail(f"cannot read the ledger ({settings.ledger.database.split('://')[0]}): "
-                     f"{type(exc).__name__}: {exc}", 1)
-    if out is None and issued is not None and json.loads(issued).get("state") == "issued" \
-            and pdf_path.exists() and csv_path.exists():
-        # Issued by invoices.auto (admin.invoice_auto): those files never change.
-        print(f"{period} is issued; its files are kept as issued:", file=sys.stderr)
-        print(pdf_path)
-        print(csv_path)
-        return 0
-    try:
-        await asyncio.to_thread(write_invoice, invoice, pdf_path, csv_path)
-    except InvoiceRenderError as exc:
-        return _fail(str(exc), 1)
-    except OSError as exc:
-        return _fail(f"cannot write to {directory}: {exc}", 1)
-    print(pdf_path)
-    print(csv_path)
-    return 0

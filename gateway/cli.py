@@ -227,7 +227,7 @@ Next:
 
 
 def cmd_invoice(args: argparse.Namespace) -> int:
-    from admin.invoices import invoice_command
+    from admin.invoice_cli import invoice_command
     from gateway.startup import StartupError, require_database_driver
 
     settings, _ = _load(args.config)
