@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import secrets
 import shutil
 import signal
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import load_settings
 from gateway.fake_upstream import FakeUpstreamState, start_fake_upstream
+from gateway.files import write_atomic
 from gateway.startup import require_free_port
 
 AGENTS = [
@@ -65,17 +64,6 @@ def default_demo_dir(env: Mapping[str, str]) -> Path:
     return data / "costwall" / "demo"
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write via a temporary file in the same folder: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def demo_config(directory: Path, upstream_url: str, keys: dict[str, str]) -> Path:

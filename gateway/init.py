@@ -7,12 +7,11 @@ once and stored only as its SHA-256. Existing files are never overwritten withou
 
 from __future__ import annotations
 
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from gateway.config import hash_key
+from gateway.files import write_atomic
 
 CONFIG_NAME = "costwall.yaml"
 ENV_NAME = ".env.example"
@@ -106,21 +105,9 @@ def write_starter(directory: Path, *, force: bool = False) -> tuple[list[Path], 
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for path, text in texts.items():
-            _write_atomic(path, text, 0o600 if path == env else 0o644)
+            write_atomic(path, text, 0o600 if path == env else 0o644)
     except OSError as exc:
         raise InitError(f"cannot write to {directory}: {exc.strerror or exc}") from None
     return [config, env], key
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    """Write through a temporary file in the same folder, so a failure leaves no half file
-    (the .env example gets 0600: it holds fresh admin tokens)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
