@@ -23,7 +23,7 @@ GLOBAL: ScopeKey = ("global", "global")
 # ``scopes_for`` and the SQL ``in_scope_sql`` are both derived from it.
 SCOPE_FIELDS: dict[str, str | None] = {
     "global": None, "tenant": "tenant", "agent": "agent", "key": "key_name",
-    "campaign": "campaign",
+    "campaign": "campaign", "user": "end_user",
 }
 
 
@@ -47,15 +47,20 @@ def month_after(period: str) -> str:
     return f"{start.year:04d}-{start.month:02d}"
 
 
-def scopes_for(tenant: str, agent: str, campaign: str | None, key_name: str) -> list[ScopeKey]:
+def scopes_for(tenant: str, agent: str, campaign: str | None, key_name: str,
+               user: str | None = None) -> list[ScopeKey]:
     """Every scope a request belongs to (the one definition of scope membership).
 
     >>> scopes_for("acme", "content", None, "k1")
     [('global', 'global'), ('tenant', 'acme'), ('agent', 'content'), ('key', 'k1')]
+    >>> scopes_for("acme", "content", "launch", "k1", "alice")[-2:]
+    [('campaign', 'launch'), ('user', 'alice')]
     """
     keys: list[ScopeKey] = [GLOBAL, ("tenant", tenant), ("agent", agent), ("key", key_name)]
     if campaign:
         keys.append(("campaign", campaign))
+    if user:
+        keys.append(("user", user))
     return keys
 
 

@@ -41,6 +41,7 @@ class Call:
     body: bytes
     estimate: Estimate
     stream: bool
+    user: str | None = None  # the end user (``gateway.inbound.end_user``)
     strip_usage: bool = False
     reservation: Reservation | None = None
     override_reason: str | None = None

@@ -136,6 +136,27 @@ def attribute(request: web.Request, key: VirtualKey) -> tuple[str, str | None, s
     return agent, _header(request, "X-Costwall-Campaign"), _header(request, "X-Costwall-Task")
 
 
+def end_user(request: web.Request, payload: dict[str, Any]) -> str | None:
+    """The end user a request is for: ``X-Costwall-User``, else the body's ``user`` (the
+    OpenAI field for it). At most 128 printable characters, like every attribution value:
+    it is stored per request and may carry a cap (``budgets.users``)."""
+    user = _header(request, "X-Costwall-User")
+    if user is not None:
+        return user
+    value = payload.get("user")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest("The 'user' field must be a string (the end user's id).", param="user")
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > _HEADER_VALUE_MAX or not value.isprintable():
+        raise BadRequest(f"The 'user' field must be at most {_HEADER_VALUE_MAX} printable "
+                         "characters.", param="user")
+    return value
+
+
 def new_request_id() -> str:
     """A fresh id for a request (``X-Costwall-Request-Id``, the ledger row)."""
     return "cw-" + secrets.token_hex(12)

@@ -49,6 +49,11 @@ class LedgerEntry:
     # pico-USD charged beyond ``reserved``: the upstream billed more than the admission bound
     # (0 for every request the bound held for). Flagged, never hidden.
     overshoot: int = 0
+    # The end user the request was for (``X-Costwall-User``, else the body's ``user``): the
+    # ``user`` scope. ``user`` is a reserved word in SQL, hence the column's name.
+    end_user: str | None = None
+    # The upstream (``upstreams[].name``) the request was sent to; "" before there were several.
+    provider: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

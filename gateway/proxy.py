@@ -38,6 +38,7 @@ from gateway.headers import client_response_headers, redact_key, upstream_reques
 from gateway.inbound import (
     REQUEST_ID_KEY,
     attribute,
+    end_user,
     new_request_id,
     read_payload,
     requested_override,
@@ -79,6 +80,7 @@ async def admit(gw: Gateway, request: web.Request, route: Endpoint) -> Call:
         raise BadRequest(f"The model '{model[:100]}' does not support this endpoint.",
                          param="model")
     agent, campaign, task = attribute(request, key)
+    user = end_user(request, payload)
     override_reason = requested_override(request, key)
     seen, max_calls = _seen(gw).get, gw.settings.budgets.max_tool_calls
     if len(body) > OFFLOAD_BYTES:
@@ -86,7 +88,7 @@ async def admit(gw: Gateway, request: web.Request, route: Endpoint) -> Call:
     else:
         est = route.estimate(payload, price, seen, max_calls)
     call = Call(request[REQUEST_ID_KEY], time.perf_counter(), route, key, agent, campaign,
-                task, model, price, payload, body, est, payload.get("stream") is True)
+                task, model, price, payload, body, est, payload.get("stream") is True, user)
     await reserve(gw, call, override_reason)
     rewrite_body(call)
     return call
@@ -110,7 +112,7 @@ async def reserve(gw: Gateway, call: Call, override_reason: str | None) -> None:
     if est.output_field and est.output_tokens:
         clamp = ClampRequest(price.upper_bound(est.prompt_tokens, 0, tier, est.fee),
                              price.upper_bound(0, 1, tier), est.output_tokens, est.choices)
-    scopes = scopes_for(key.tenant, call.agent, call.campaign, key.name)
+    scopes = scopes_for(key.tenant, call.agent, call.campaign, key.name, call.user)
     try:
         call.reservation = await gw.budgets.reserve(scopes, amount, clamp=clamp)
     except BudgetExceeded as exc:
@@ -153,7 +155,7 @@ async def record_pending(gw: Gateway, call: Call) -> None:
         key_name=call.key.name, agent=call.agent, campaign=call.campaign, task=call.task,
         model=call.model, endpoint=call.route.name, stream=call.stream,
         reserved=call.reservation.amount, override=call.override_reason is not None,
-        override_reason=call.override_reason,
+        override_reason=call.override_reason, end_user=call.user,
     )
     try:
         await gw.ledger.begin(call.entry, call.reservation)

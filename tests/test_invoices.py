@@ -433,10 +433,11 @@ def test_cli_writes_both_files_while_the_gateway_runs(env: tuple[Stack, Canary],
                                                       tmp_path: Path) -> None:
     stack, _ = env
     out = tmp_path / "out"
-    done = run_cli(stack, "2026-11", "--out", str(out))
+    month = stack.gw.budgets.current_period()  # this month's SDK traffic (the fixture's)
+    done = run_cli(stack, month, "--out", str(out))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(out / "costwall_invoice_2026_11.pdf"),
-                                   str(out / "costwall_invoice_2026_11.csv")]
+    stem = f"costwall_invoice_{month.replace('-', '_')}"
+    assert done.stdout.split() == [str(out / f"{stem}.pdf"), str(out / f"{stem}.csv")]
     done = run_cli(stack, CLOSED, "--tenant", "acme", "--out", str(out))
     assert done.returncode == 0, done.stderr
     pdf = out / "costwall_invoice_2025_03_acme.pdf"

@@ -103,15 +103,17 @@ async def test_in_scope_sql_agrees_with_scopes_for_on_postgres() -> None:
     url = await pg.create_database()
     conn = await asyncpg.connect(url)
     try:
-        rows = [("acme", "content", None, "k1"), ("acme", "research", "launch", "k2"),
-                ("beta", "content", "launch", "k3")]
+        rows = [("acme", "content", None, "k1", None),
+                ("acme", "research", "launch", "k2", "alice"),
+                ("beta", "content", "launch", "k3", "bob")]
         keys = sorted({k for r in rows for k in scopes_for(*r)} | {("tenant", "nobody"),
                                                                       ("unknown", "x")})
         for row, key in itertools.product(rows, keys):
             got = await conn.fetchval(
                 "SELECT COALESCE((" + in_scope_sql("r", "k") + "), false) FROM "
                 "(SELECT $1::text AS tenant, $2::text AS agent, $3::text AS campaign, "
-                "$4::text AS key_name) r, (SELECT $5::text AS scope, $6::text AS id) k",
+                "$4::text AS key_name, $5::text AS end_user) r, "
+                "(SELECT $6::text AS scope, $7::text AS id) k",
                 *row, *key)
             assert got is (key in scopes_for(*row)), (row, key)
         assert set(SCOPE_FIELDS) == {k[0] for k in keys} - {"unknown"}

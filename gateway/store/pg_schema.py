@@ -109,6 +109,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX alert_outbox_due ON alert_outbox (next_at) WHERE status = 'pending';
     CREATE INDEX alert_outbox_recent ON alert_outbox (created_at);
     """,
+    # 6: the end user a request was for (the ``user`` scope) and the upstream it went to
+    """
+    ALTER TABLE requests ADD COLUMN end_user TEXT;
+    ALTER TABLE requests ADD COLUMN provider TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 

@@ -40,6 +40,7 @@ _TYPES = {
     "cached_tokens": "int8", "completion_tokens": "int8", "reasoning_tokens": "int8",
     "reserved": "int8", "cost": "int8", "usage_source": "text", "override": "bool",
     "override_reason": "text", "latency_ms": "int4", "replica": "text", "overshoot": "int8",
+    "end_user": "text", "provider": "text",
 }
 assert tuple(_TYPES) == COLUMNS
 
