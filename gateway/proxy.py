@@ -47,6 +47,7 @@ from gateway.inbound import (
 from gateway.ledger import LedgerEntry
 from gateway.money import format_usd
 from gateway.pricing import Usage
+from gateway.ratelimit import used_tokens
 from gateway.services import GATEWAY, Gateway
 from gateway.settlement import LEDGER_MAX_COST, Charge, UsageSource, decide, output_items
 from gateway.tokens import count_text, encoding
@@ -89,8 +90,15 @@ async def admit(gw: Gateway, request: web.Request, route: Endpoint) -> Call:
         est = route.estimate(payload, price, seen, max_calls)
     call = Call(request[REQUEST_ID_KEY], time.perf_counter(), route, key, agent, campaign,
                 task, model, price, payload, body, est, payload.get("stream") is True, user)
-    await reserve(gw, call, override_reason)
-    rewrite_body(call)
+    if gw.rates is not None:  # before the budget: a 429 is never reserved, sent or charged
+        await gw.rates.admit(call)
+    try:
+        await reserve(gw, call, override_reason)
+        rewrite_body(call)
+    except BaseException:
+        if call.rate is not None:  # refused (402) or failed before forwarding: give it back
+            call.rate.close(False, None)
+        raise
     return call
 
 
@@ -172,6 +180,8 @@ async def record_pending(gw: Gateway, call: Call) -> None:
 # -- forwarding -------------------------------------------------------------------------------
 def _our_headers(gw: Gateway, call: Call) -> list[tuple[str, str]]:
     headers = [("X-Costwall-Request-Id", call.id)]
+    if call.rate is not None:
+        headers += call.rate.headers  # x-ratelimit-* of the tightest limits
     if call.reservation is not None:
         if call.reservation.clamped_tokens is not None:
             headers.append(("X-Costwall-Clamped-Max-Tokens", str(call.reservation.clamped_tokens)))
@@ -333,6 +343,8 @@ def settle(gw: Gateway, call: Call) -> None:
         output=output_items(call.response),
         queued=call.route.server_state and call.payload.get("background") is True)
     call.usage, call.usage_source, call.fee = charge.usage, charge.source, charge.fee
+    if call.rate is not None:  # the slot is freed and the token bound corrected, once
+        call.rate.close(call.sent, used_tokens(charge))
     for problem in charge.problems:
         gw.record_invalid_usage(call, problem)
     if charge.source is UsageSource.UPSTREAM and call.route.server_state \

@@ -29,8 +29,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from gateway.budget_rules import scopes_for
+from gateway.settlement import Charge, UsageSource
 
 KINDS = ("rpm", "tpm", "concurrent")
 WINDOW_S = 60
@@ -143,6 +145,43 @@ class Window:
 
     def dump(self) -> tuple[int, list[int]]:
         return self.head, self.counts
+
+
+# -- what an admitted request holds -------------------------------------------------------------
+class Settles(Protocol):
+    def settle(self, ticket: RateTicket, sent: bool, tokens: int | None) -> None:
+        """Correct or take back what ``ticket`` counted and free its slots."""
+
+
+@dataclass(slots=True, eq=False)
+class RateTicket:
+    """What one admitted request counted (``Call.rate``), closed exactly once when it settles.
+
+    ``counted``: (key, amount, bucket) per window; ``held``: the scopes whose concurrency slot
+    it holds; ``headers``: the ``x-ratelimit-*`` headers of its response; ``owner``: the
+    limiter that counted it (the shared store, or this process's own windows).
+    """
+
+    owner: Settles
+    counted: list[tuple[RateKey, int, int]]
+    held: list[ScopeId]
+    headers: list[tuple[str, str]]
+    settled: bool = False
+
+    def close(self, sent: bool, tokens: int | None) -> None:
+        """Settle once: ``sent`` False gives everything back (never forwarded); else the
+        token bound becomes ``tokens`` (None: unknown, the bound stays) and slots are freed."""
+        if not self.settled:
+            self.settled = True
+            self.owner.settle(self, sent, tokens)
+
+
+def used_tokens(charge: Charge) -> int | None:
+    """The tokens a settled request used, for ``tpm``: its usage, 0 for an answer that costs
+    nothing, None when unknown (charged at its bound, so counted at its bound)."""
+    if charge.usage is not None:
+        return charge.usage.prompt_tokens + charge.usage.completion_tokens
+    return 0 if charge.source is UsageSource.NONE else None
 
 
 # -- one request against all its limits --------------------------------------------------------

@@ -1,0 +1,181 @@
+"""Rate limits on the request path: admission before the budget, settlement with the request.
+
+``open_rates`` returns None when no rate limit is configured, so the request path pays one
+attribute check and nothing else. Otherwise ``Gateway.rates`` is
+
+- ``LocalRates`` (SQLite: one process): the windows of ``gateway.ratelimit`` in memory, no
+  I/O and no await that suspends on the request path;
+- ``gateway.store.pg_rates.SharedRates`` (PostgreSQL): the same windows, kept in the database
+  and decided in a group-committed transaction, so every replica counts against one limit.
+
+The proxy calls ``admit`` just before the budget reservation (a rate-limited request is never
+reserved, forwarded or charged) and closes the ticket in ``settle`` (``RateTicket.close``),
+which runs once however the request ends; a request refused or failed before forwarding
+gives its counts back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+
+from gateway.errors import RateLimited
+from gateway.ratelimit import (
+    RateKey,
+    RatePlan,
+    RateTicket,
+    Refusal,
+    ScopeId,
+    Window,
+    correction,
+    refuse,
+    scope_kinds,
+    take,
+    tightest,
+)
+from gateway.store.urls import backend_of
+
+if TYPE_CHECKING:
+    from gateway.call import Call
+    from gateway.config import Settings
+    from gateway.metrics import Metrics
+
+SWEEP_EVERY_S = 60.0  # drop idle windows (end users come and go) about once a minute
+
+
+class Rates(Protocol):
+    """What the request path and the app need of a rate limiter."""
+
+    plan: RatePlan
+
+    async def admit(self, call: Call) -> None:
+        """Count the request in every limit of its scopes (``call.rate``), or raise 429."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def call_tokens(call: Call) -> int:
+    """What a request counts in a ``tpm`` limit at admission: its prompt and output bound."""
+    est = call.estimate
+    return est.prompt_tokens + est.output_tokens * est.choices
+
+
+def refused(metrics: Metrics, call: Call, refusal: Refusal) -> RateLimited:
+    """Count a refusal (``costwall_rate_limited_total``, ``requests_total`` as
+    ``rate_limited``) and make its 429."""
+    metrics.child(metrics.rate_limited, refusal.scope, refusal.kind).inc()
+    metrics.child(metrics.requests, "rate_limited", call.price.name).inc()
+    return RateLimited(refusal.message(), refusal.headers())
+
+
+class LocalRates:
+    """The limits of one process, in memory (SQLite, and PostgreSQL's fail-open fallback)."""
+
+    def __init__(self, plan: RatePlan, metrics: Metrics, clock: Callable[[], datetime]):
+        self.plan = plan
+        self.metrics = metrics
+        self.clock = clock
+        self.windows: dict[RateKey, Window] = {}
+        self.inflight: dict[ScopeId, int] = {}
+        self._sweep_at = 0.0
+        for scope, kind in scope_kinds(plan):  # series at 0, so increase() sees the first
+            metrics.child(metrics.rate_limited, scope, kind)
+
+    async def admit(self, call: Call) -> None:
+        call.rate = self.admit_now(call)
+
+    def admit_now(self, call: Call) -> RateTicket | None:
+        """Admit or raise, synchronously: plain arithmetic on this process's windows."""
+        windows, slots = self.plan.needs(call.key.tenant, call.agent, call.key.name,
+                                         call.user, call_tokens(call))
+        if not windows and not slots:
+            return None
+        now = self.clock().timestamp()
+        if now >= self._sweep_at:
+            self.sweep(now)
+        state = [(need, self._window(need[0])) for need in windows]
+        inflight = self.inflight
+        held = [(slot, inflight.get(slot[0], 0)) for slot in slots]
+        refusal = refuse(now, state, held)
+        if refusal is not None:
+            raise refused(self.metrics, call, refusal)
+        for scope, _ in slots:
+            inflight[scope] = inflight.get(scope, 0) + 1
+        return RateTicket(self, take(now, state), [scope for scope, _ in slots],
+                          tightest(now, state))
+
+    def _window(self, key: RateKey) -> Window:
+        window = self.windows.get(key)
+        if window is None:
+            window = self.windows[key] = Window()
+        return window
+
+    def settle(self, ticket: RateTicket, sent: bool, tokens: int | None) -> None:
+        """Correct or take back what the ticket counted; free its slots."""
+        for key, amount, bucket in ticket.counted:
+            delta = correction(key[2], amount, sent, tokens)
+            window = self.windows.get(key) if delta else None
+            if window is not None:
+                window.correct(bucket, delta)
+        inflight = self.inflight
+        for scope in ticket.held:
+            left = inflight.get(scope, 0) - 1
+            if left > 0:
+                inflight[scope] = left
+            else:
+                inflight.pop(scope, None)
+
+    def sweep(self, now: float) -> None:
+        """Forget windows with nothing left in them (one per end user who came and went)."""
+        self._sweep_at = now + SWEEP_EVERY_S
+        for key in [k for k, w in self.windows.items() if w.idle(now)]:
+            del self.windows[key]
+
+    async def start(self) -> None:
+        """Nothing to open: the windows live in this process."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+def open_rates(settings: Settings, metrics: Metrics, clock: Callable[[], datetime],
+               replica: str | None = None) -> Rates | None:
+    """The rate limiter ``settings`` ask for, None when no rate limit is configured.
+
+    With PostgreSQL the replicas share the limits (``SharedRates``, ``replica`` is this
+    process's id in the ``replicas`` table); ``rate_limits.on_store_error`` says what happens
+    while that store cannot be reached.
+    """
+    config = settings.rate_limits
+    plan = config.plan
+    if not plan:
+        return None
+    local = LocalRates(plan, metrics, clock)
+    if backend_of(settings.database) == "sqlite":
+        return local
+    from gateway.store.pg_rates import SharedRates
+
+    return SharedRates(settings.database, replica, local,
+                       fail_open=config.on_store_error == "open",
+                       reclaim_after_s=settings.db_reclaim_after_s)
+
+
+def rates_ctx(rates: Rates) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Open the limiter's store with the app (after the ledger) and close it before."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await rates.start()
+        yield
+        await rates.close()
+
+    return ctx
+
+
+def describe(rates: Rates | None) -> list[dict[str, Any]]:
+    """The configured limits, for the admin API."""
+    return rates.plan.describe() if rates is not None else []
