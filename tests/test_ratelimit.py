@@ -8,10 +8,14 @@ refused request is told a wait after which it fits.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.cli import main
+from gateway.config import load_settings
 from gateway.ratelimit import (
     BUCKETS,
     RateLimit,
@@ -187,3 +191,86 @@ def test_a_steady_client_gets_at_least_the_limit_per_61_seconds(limit: int,
     admitted = admit_all(limit, times)
     offered = len(times)
     assert len(admitted) >= min(offered, limit * (600 // 61))
+
+
+# -- configuration ------------------------------------------------------------------------------
+def test_costwall_check_lists_every_bad_rate_limit(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "costwall.yaml"
+    long_user = "u" * 129
+    path.write_text(f"""
+rate_limits:
+  global: {{rpm: 0}}
+  tenant: {{acme: {{rpm: 5}}}}
+  campaigns: {{launch: {{rpm: 5}}}}
+  tenants:
+    acme: {{rpm: -3, tpm: 1.5}}
+    "bad id": {{rpm: 1}}
+    beta: {{}}
+    gamma: {{rmp: 4}}
+    delta: 7
+    eps: {{rpm: true, tpm: "lots", concurrent: 1000000000001}}
+  agents: [research]
+  users: {{"{long_user}": {{rpm: 1}}, " alice": {{rpm: 1}}}}
+  users_default: {{concurent: 2}}
+  on_store_error: maybe
+""")
+    assert main(["check", "--config", str(path)]) == 1
+    errors = [line.removeprefix("error: ") for line in capsys.readouterr().out.splitlines()
+              if line.startswith("error: ")]
+    user_rule = ("an end user id is 1 to 128 printable characters without surrounding spaces")
+    assert errors == [
+        "rate_limits.campaigns: campaigns have no rate limits (a client chooses its campaign); "
+        "limit its key, agent, tenant or end user",
+        "rate_limits.tenant: unknown setting; did you mean `tenants`?",
+        "rate_limits.global.rpm: must be a positive whole number, got 0 (leave it out for no "
+        "limit)",
+        "rate_limits.tenants.acme.rpm: must be a positive whole number, got -3 (leave it out "
+        "for no limit)",
+        "rate_limits.tenants.acme.tpm: expected a whole number, got 1.5",
+        "rate_limits.tenants.bad id: ids use letters, digits and . _ : @ - only (at most 128)",
+        "rate_limits.tenants.beta: needs at least one of rpm, tpm, concurrent (e.g. {rpm: 60})",
+        "rate_limits.tenants.gamma.rmp: unknown setting; did you mean `rpm`?",
+        "rate_limits.tenants.delta: expected a mapping of limits such as {rpm: 60} (kinds: "
+        "rpm, tpm, concurrent)",
+        "rate_limits.tenants.eps.rpm: expected a whole number, got True",
+        "rate_limits.tenants.eps.tpm: expected a whole number, got 'lots'",
+        "rate_limits.tenants.eps.concurrent: must be at most 1000000000000, got 1000000000001",
+        "rate_limits.agents: must be a mapping of agent id to {rpm, tpm, concurrent}",
+        f"rate_limits.users.{long_user}: {user_rule}",
+        f"rate_limits.users. alice: {user_rule}",
+        "rate_limits.users_default.concurent: unknown setting; did you mean `concurrent`?",
+        "rate_limits.on_store_error: must be 'closed' or 'open', got 'maybe'",
+    ]
+    path.write_text("rate_limits: [rpm]\n")
+    assert main(["check", "--config", str(path)]) == 1
+    assert "error: rate_limits: must be a mapping (of agents, global, keys, on_store_error, " \
+           "tenants, users, users_default)" in capsys.readouterr().out
+
+
+def test_a_valid_rate_limits_section_loads_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "costwall.yaml"
+    path.write_text("""
+rate_limits:
+  global:  {rpm: 6000}
+  tenants: {acme: {rpm: 1200, tpm: 2000000}}
+  agents:  {research: {rpm: 120, concurrent: 8}}
+  keys:    {content-agent: {rpm: 600, tpm: 200000, concurrent: 20}}
+  users:   {alice@example.com: {rpm: 10}}
+  users_default: {rpm: 30}
+  on_store_error: open
+""")
+    settings, _ = load_settings(path, {})
+    config = settings.rate_limits
+    assert config.on_store_error == "open"
+    assert config.limits == {
+        ("global", "global"): RateLimit(rpm=6000),
+        ("tenant", "acme"): RateLimit(rpm=1200, tpm=2_000_000),
+        ("agent", "research"): RateLimit(rpm=120, concurrent=8),
+        ("key", "content-agent"): RateLimit(rpm=600, tpm=200_000, concurrent=20),
+        ("user", "alice@example.com"): RateLimit(rpm=10)}
+    assert config.users_default == RateLimit(rpm=30)
+    assert load_settings(tmp_path / "costwall.yaml", {})[0].rate_limits.plan
+    path.write_text("database: sqlite:///x.db\n")
+    empty = load_settings(path, {})[0].rate_limits
+    assert not empty.plan and empty.on_store_error == "closed"
