@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from gateway.fake_upstream import FakeUpstreamState, create_fake_upstream
-from tests.harness import KEYS, Stack
+from tests.harness import KEYS, LoopThread, Stack
 from tests.test_metrics import scrape, value
 
 MESSAGES = [{"role": "user", "content": "one line about rate limits"}]
@@ -104,9 +104,9 @@ async def gather_chats(stack: Stack, count: int, concurrency: int, key: str = KE
         await client.close()
 
 
-def run(stack: Stack, coro: Awaitable[Any]) -> Any:
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run client coroutines on a loop of their own (the gateway's loop serves them)."""
-    return asyncio.run(coro)  # type: ignore[arg-type]
+    return asyncio.run(coro)
 
 
 def metric(stack: Stack, name: str, **labels: str) -> float:
@@ -126,7 +126,7 @@ def test_rpm_lets_exactly_the_limit_through_in_a_minute(rate_stack: Callable[...
                                                         clock: Clock) -> None:
     stack = rate_stack(rate_limits={"global": {"rpm": 1000},
                                     "keys": {KEY_LIMIT: {"rpm": 60}}})
-    statuses = run(stack, gather_chats(stack, 100, 25))
+    statuses = run(gather_chats(stack, 100, 25))
     assert (statuses.count(200), statuses.count(429)) == (60, 40)
     assert stack.state.total_requests == 60  # a 429 is never forwarded
     rows = stack.rows()
@@ -205,7 +205,8 @@ def test_limits_of_every_scope_and_end_users(rate_stack: Callable[..., Stack]) -
 class CountingUpstream:
     """The simulator behind a middleware that measures requests in flight at the upstream."""
 
-    def __init__(self, stack_loop: Any, delay_s: float):
+    def __init__(self, lt: LoopThread, delay_s: float):
+        self.lt = lt
         self.state = FakeUpstreamState(delay_s=delay_s, chunk_delay_s=0.01)
         self.inflight = self.peak = 0
         app = create_fake_upstream(self.state)
@@ -228,13 +229,16 @@ class CountingUpstream:
             await site.start()
             return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
 
-        self.runner, self.url = stack_loop.run(start())
+        self.runner, self.url = lt.run(start())
+
+    def close(self) -> None:
+        self.lt.run(self.runner.cleanup())
+        self.lt.stop()
 
 
 def test_concurrent_limit_holds_under_50_parallel_streams(tmp_path: Path,
                                                           clock: Clock) -> None:
-    probe = Stack(tmp_path / "up")  # only for its loop thread
-    upstream = CountingUpstream(probe.lt, delay_s=0.2)
+    upstream = CountingUpstream(LoopThread(), delay_s=0.2)
     clock.set(T0, follow=True)
     stack = Stack(tmp_path / "gw", clock=clock, upstream={"base_url": upstream.url},
                   rate_limits={"keys": {KEY_LIMIT: {"concurrent": 4}}})
@@ -263,8 +267,7 @@ def test_concurrent_limit_holds_under_50_parallel_streams(tmp_path: Path,
         assert metric(stack, "costwall_requests_total", outcome="rate_limited") == refused
     finally:
         stack.close()
-        probe.lt.run(upstream.runner.cleanup())
-        probe.close()
+        upstream.close()
 
 
 def test_every_slot_comes_back_however_the_request_ends(rate_stack: Callable[..., Stack],

@@ -299,7 +299,6 @@ class SharedRates:
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                await self._reconnect()
                 continue
             self._back()
             self._deliver(batch, results)
@@ -321,6 +320,7 @@ class SharedRates:
                 resolve(op.future, None, result)
 
     async def _attempt(self, batch: list[Op]) -> list[RateTicket | Refusal]:
+        await self._reconnect()  # after an outage, the probe's batch opens a new connection
         conn = self._conn
         if conn is None or conn.is_closed():
             raise asyncpg.InterfaceError("rate store connection is closed")
