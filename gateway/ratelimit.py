@@ -26,6 +26,7 @@ window); a request that was never forwarded is taken back out of every window.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ KINDS = ("rpm", "tpm", "concurrent")
 WINDOW_S = 60
 BUCKETS = WINDOW_S + 1  # one-second buckets: the current second and the 60 before it
 CONCURRENT_WAIT_S = 1.0  # nobody knows when a request in flight ends: ask to retry in 1 s
+CACHE_MAX = 100_000  # resolved (tenant, agent, key, end user) combinations kept
 SCOPE_NAMES = {"global": "global", "tenant": "tenant", "agent": "agent", "key": "key",
                "user": "end user"}
 
@@ -185,10 +187,17 @@ def used_tokens(charge: Charge) -> int | None:
 
 
 # -- one request against all its limits --------------------------------------------------------
-# A windowed limit a request must fit: (key, limit, amount: 1 for rpm, the token bound for tpm).
-Windowed = tuple[RateKey, int, int]
+# A windowed limit a request must fit: (key, limit). It counts 1 in an rpm window and its
+# token bound in a tpm window.
+Windowed = tuple[RateKey, int]
+# A windowed limit with its current state: (key, limit, window).
+Counting = tuple[RateKey, int, Window]
 # A concurrency limit: (scope, id), limit.
 Slot = tuple[ScopeId, int]
+_HEADERS = {"rpm": ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests"),
+            "tpm": ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,20 +246,20 @@ class Refusal:
             out.append(("x-should-retry", "false"))
         else:
             out.append(("retry-after-ms", str(max(math.ceil(self.wait * 1000), 1))))
-        if self.kind != "concurrent":
-            unit = "requests" if self.kind == "rpm" else "tokens"
-            out += [(f"x-ratelimit-limit-{unit}", str(self.limit)),
-                    (f"x-ratelimit-remaining-{unit}", str(self.remaining)),
-                    (f"x-ratelimit-reset-{unit}", duration_text(self.reset))]
+        names = _HEADERS.get(self.kind)
+        if names is not None:
+            out += [(names[0], str(self.limit)), (names[1], str(self.remaining)),
+                    (names[2], duration_text(self.reset))]
         return out
 
 
-def refuse(now: float, windows: Sequence[tuple[Windowed, Window]],
-           slots: Sequence[tuple[Slot, int]]) -> Refusal | None:
-    """The refusal for a request needing ``windows`` and ``slots`` (each with its current
-    state: the window, the requests in flight), or None if it fits every one of them."""
+def refuse(now: float, windows: Sequence[Counting], slots: Sequence[tuple[Slot, int]],
+           tokens: int) -> Refusal | None:
+    """The refusal for a request of ``tokens`` (its bound) needing ``windows`` and ``slots``
+    (each with its state: the window, the requests in flight), or None if it fits them all."""
     worst: Refusal | None = None
-    for (key, limit, amount), window in windows:
+    for key, limit, window in windows:
+        amount = tokens if key[2] == "tpm" else 1
         if window.room(now, limit) >= amount:
             continue
         wait = window.wait(now, amount, limit)
@@ -265,27 +274,38 @@ def refuse(now: float, windows: Sequence[tuple[Windowed, Window]],
     return worst
 
 
-def take(now: float, windows: Sequence[tuple[Windowed, Window]]) -> list[tuple[RateKey, int, int]]:
+def take(now: float, windows: Sequence[Counting], tokens: int) -> list[tuple[RateKey, int, int]]:
     """Count an admitted request in each window: (key, amount, bucket) to correct later."""
-    return [(key, amount, window.add(now, amount)) for (key, _, amount), window in windows]
+    out = []
+    for key, _, window in windows:
+        amount = tokens if key[2] == "tpm" else 1
+        out.append((key, amount, window.add(now, amount)))
+    return out
 
 
-def tightest(now: float, windows: Sequence[tuple[Windowed, Window]]) -> list[tuple[str, str]]:
+def tightest(now: float, windows: Sequence[Counting]) -> list[tuple[str, str]]:
     """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for the tightest
-    limit of each kind (least remaining, then the smallest limit), after admission."""
-    best: dict[str, tuple[int, int, Window]] = {}
-    for (key, limit, _), window in windows:
-        remaining = max(limit - window.total, 0)
-        seen = best.get(key[2])
-        if seen is None or (remaining, limit) < seen[:2]:
-            best[key[2]] = (remaining, limit, window)
+    limit of each kind (least remaining, then the smallest limit), just after admission.
+
+    The request was just counted in each window's newest bucket, so every window resets
+    when that bucket leaves: ``head + BUCKETS`` (no scan; this runs on every request).
+    """
+    requests = tokens = None
+    for key, limit, window in windows:
+        if key[2] == "rpm":
+            if requests is None or (limit - window.total, limit) < (
+                    requests[1] - requests[2].total, requests[1]):
+                requests = (key, limit, window)
+        elif tokens is None or (limit - window.total, limit) < (
+                tokens[1] - tokens[2].total, tokens[1]):
+            tokens = (key, limit, window)
     out: list[tuple[str, str]] = []
-    for kind, unit in (("rpm", "requests"), ("tpm", "tokens")):
-        if kind in best:
-            remaining, limit, window = best[kind]
-            out += [(f"x-ratelimit-limit-{unit}", str(limit)),
-                    (f"x-ratelimit-remaining-{unit}", str(remaining)),
-                    (f"x-ratelimit-reset-{unit}", duration_text(window.reset(now)))]
+    for best in (requests, tokens):
+        if best is not None:
+            names, limit, window = _HEADERS[best[0][2]], best[1], best[2]
+            reset_ms = math.ceil((window.head + BUCKETS - now) * 1000 - 1e-6)
+            out += ((names[0], str(limit)), (names[1], str(max(limit - window.total, 0))),
+                    (names[2], _duration_ms(reset_ms)))
     return out
 
 
@@ -312,8 +332,12 @@ def duration_text(seconds: float) -> str:
     >>> [duration_text(s) for s in (0, 0.02, 1, 1.25, 17.2, 60, 61.5, 360, 3725)]
     ['0s', '20ms', '1s', '1.25s', '17.2s', '1m0s', '1m1.5s', '6m0s', '1h2m5s']
     """
-    ms = max(math.ceil(seconds * 1000 - 1e-6), 0)
-    if ms == 0:
+    return _duration_ms(math.ceil(seconds * 1000 - 1e-6))
+
+
+@functools.lru_cache(maxsize=4096)  # a reset is ~61 s minus a few ms: a few thousand texts
+def _duration_ms(ms: int) -> str:
+    if ms <= 0:
         return "0s"
     if ms < 1000:
         return f"{ms}ms"
@@ -336,34 +360,45 @@ class RatePlan:
     no rate limits (a client names its own campaign).
 
     >>> plan = RatePlan({("key", "k1"): RateLimit(rpm=60, tpm=1000)}, RateLimit(concurrent=2))
-    >>> plan.needs("acme", "content", "k1", "alice", 300)
-    ([(('key', 'k1', 'rpm'), 60, 1), (('key', 'k1', 'tpm'), 1000, 300)], [(('user', 'alice'), 2)])
+    >>> plan.needs("acme", "content", "k1", "alice")
+    ([(('key', 'k1', 'rpm'), 60), (('key', 'k1', 'tpm'), 1000)], [(('user', 'alice'), 2)])
     """
 
     def __init__(self, limits: Mapping[ScopeId, RateLimit], users_default: RateLimit | None):
         self.limits = dict(limits)
         self.users_default = users_default
+        self._cache: dict[tuple[str, str, str, str | None],
+                          tuple[list[Windowed], list[Slot]]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.limits) or self.users_default is not None
 
-    def needs(self, tenant: str, agent: str, key_name: str, user: str | None,
-              tokens: int) -> tuple[list[Windowed], list[Slot]]:
-        """The windowed limits (with what this request counts) and concurrency limits of a
-        request of ``tokens`` (its prompt and output bound)."""
+    def needs(self, tenant: str, agent: str, key_name: str,
+              user: str | None) -> tuple[list[Windowed], list[Slot]]:
+        """The windowed and concurrency limits a request of these scopes must fit (cached:
+        requests of one key and end user resolve once)."""
+        found = self._cache.get((tenant, agent, key_name, user))
+        if found is None:
+            if len(self._cache) >= CACHE_MAX:  # end users come and go: never unbounded
+                self._cache.clear()
+            found = self._cache[(tenant, agent, key_name, user)] = self._resolve(
+                tenant, agent, key_name, user)
+        return found
+
+    def _resolve(self, tenant: str, agent: str, key_name: str,
+                 user: str | None) -> tuple[list[Windowed], list[Slot]]:
         windows: list[Windowed] = []
         slots: list[Slot] = []
-        limits = self.limits
         for scope in scopes_for(tenant, agent, None, key_name, user):
-            entry = limits.get(scope)
+            entry = self.limits.get(scope)
             if entry is None:
                 if scope[0] != "user" or self.users_default is None:
                     continue
                 entry = self.users_default
             if entry.rpm is not None:
-                windows.append(((scope[0], scope[1], "rpm"), entry.rpm, 1))
+                windows.append(((scope[0], scope[1], "rpm"), entry.rpm))
             if entry.tpm is not None:
-                windows.append(((scope[0], scope[1], "tpm"), entry.tpm, tokens))
+                windows.append(((scope[0], scope[1], "tpm"), entry.tpm))
             if entry.concurrent is not None:
                 slots.append((scope, entry.concurrent))
         return windows, slots

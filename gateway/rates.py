@@ -24,11 +24,14 @@ from aiohttp import web
 
 from gateway.errors import RateLimited
 from gateway.ratelimit import (
+    CACHE_MAX,
+    Counting,
     RateKey,
     RatePlan,
     RateTicket,
     Refusal,
     ScopeId,
+    Slot,
     Window,
     correction,
     refuse,
@@ -82,6 +85,10 @@ class LocalRates:
         self.clock = clock
         self.windows: dict[RateKey, Window] = {}
         self.inflight: dict[ScopeId, int] = {}
+        # (tenant, agent, key, end user) -> its windows (with their state) and slots: a
+        # request of a known combination does one lookup. Cleared with every sweep.
+        self._needs: dict[tuple[str, str, str, str | None],
+                          tuple[list[Counting], list[Slot]]] = {}
         self._sweep_at = 0.0
         for scope, kind in scope_kinds(plan):  # series at 0, so increase() sees the first
             metrics.child(metrics.rate_limited, scope, kind)
@@ -91,23 +98,37 @@ class LocalRates:
 
     def admit_now(self, call: Call) -> RateTicket | None:
         """Admit or raise, synchronously: plain arithmetic on this process's windows."""
-        windows, slots = self.plan.needs(call.key.tenant, call.agent, call.key.name,
-                                         call.user, call_tokens(call))
-        if not windows and not slots:
+        key = call.key
+        scopes = (key.tenant, call.agent, key.name, call.user)
+        found = self._needs.get(scopes)
+        if found is None:
+            found = self._resolve(scopes)
+        if not found[0] and not found[1]:
             return None
         now = self.clock().timestamp()
         if now >= self._sweep_at:
-            self.sweep(now)
-        state = [(need, self._window(need[0])) for need in windows]
+            self.sweep(now)  # may drop the windows just found: resolve them again
+            found = self._resolve(scopes)
+        windows, slots = found
+        tokens = call_tokens(call)
         inflight = self.inflight
-        held = [(slot, inflight.get(slot[0], 0)) for slot in slots]
-        refusal = refuse(now, state, held)
+        held = [(slot, inflight.get(slot[0], 0)) for slot in slots] if slots else []
+        refusal = refuse(now, windows, held, tokens)
         if refusal is not None:
             raise refused(self.metrics, call, refusal)
         for scope, _ in slots:
             inflight[scope] = inflight.get(scope, 0) + 1
-        return RateTicket(self, take(now, state), [scope for scope, _ in slots],
-                          tightest(now, state))
+        return RateTicket(self, take(now, windows, tokens), [scope for scope, _ in slots],
+                          tightest(now, windows))
+
+    def _resolve(self, scopes: tuple[str, str, str, str | None]
+                 ) -> tuple[list[Counting], list[Slot]]:
+        windows, slots = self.plan.needs(*scopes)
+        if len(self._needs) >= CACHE_MAX:
+            self._needs.clear()
+        found = self._needs[scopes] = ([(k, limit, self._window(k)) for k, limit in windows],
+                                       slots)
+        return found
 
     def _window(self, key: RateKey) -> Window:
         window = self.windows.get(key)
@@ -133,6 +154,7 @@ class LocalRates:
     def sweep(self, now: float) -> None:
         """Forget windows with nothing left in them (one per end user who came and went)."""
         self._sweep_at = now + SWEEP_EVERY_S
+        self._needs.clear()  # it holds windows: resolved again on the next request
         for key in [k for k, w in self.windows.items() if w.idle(now)]:
             del self.windows[key]
 

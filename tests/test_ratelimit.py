@@ -95,7 +95,7 @@ def test_a_clock_stepping_back_counts_in_the_newest_bucket() -> None:
 def test_a_token_bound_above_the_limit_never_fits() -> None:
     window = Window()
     assert math.isinf(window.wait(T0, 2_001, 2_000))
-    refusal = refuse(T0, [((("key", "k", "tpm"), 2_000, 2_001), window)], [])
+    refusal = refuse(T0, [(("key", "k", "tpm"), 2_000, window)], [], 2_001)
     assert refusal is not None and refusal.retry_after == 60
     assert ("x-should-retry", "false") in refusal.headers()
     assert "can never fit" in refusal.message()
@@ -105,9 +105,8 @@ def test_refusal_names_the_limit_waited_for_longest() -> None:
     rpm, tpm = Window(), Window()
     rpm.add(T0, 2)
     tpm.add(T0 + 20, 900)
-    needs = [((("tenant", "acme", "rpm"), 2, 1), rpm),
-             ((("key", "k1", "tpm"), 1_000, 200), tpm)]
-    refusal = refuse(T0 + 30, needs, [((("agent", "a"), 1), 1)])
+    needs = [(("tenant", "acme", "rpm"), 2, rpm), (("key", "k1", "tpm"), 1_000, tpm)]
+    refusal = refuse(T0 + 30, needs, [((("agent", "a"), 1), 1)], 200)
     assert refusal == Refusal("key", "k1", "tpm", 1_000, 51.0, 200, 100, 51.0)
     assert refusal.message() == (
         "Rate limit reached for key 'k1': 1000 tokens per minute (tpm). This request counts "
@@ -116,11 +115,11 @@ def test_refusal_names_the_limit_waited_for_longest() -> None:
         ("Retry-After", "51"), ("retry-after-ms", "51000"),
         ("x-ratelimit-limit-tokens", "1000"), ("x-ratelimit-remaining-tokens", "100"),
         ("x-ratelimit-reset-tokens", "51s")]
-    busy = refuse(T0, [], [((("agent", "research"), 8), 8)])
+    busy = refuse(T0, [], [((("agent", "research"), 8), 8)], 1)
     assert busy is not None and (busy.kind, busy.retry_after) == ("concurrent", 1)
     assert busy.message().startswith("Rate limit reached for agent 'research': 8 concurrent")
-    assert refuse(T0, [], [((("agent", "research"), 8), 7)]) is None
-    glob = refuse(T0 + 30, needs[:1], [])
+    assert refuse(T0, [], [((("agent", "research"), 8), 7)], 1) is None
+    glob = refuse(T0 + 30, needs[:1], [], 1)
     assert glob is not None and glob.message().startswith(
         "Rate limit reached for tenant 'acme': 2 requests per minute (rpm).")
 
@@ -128,13 +127,15 @@ def test_refusal_names_the_limit_waited_for_longest() -> None:
 def test_headers_name_the_tightest_limit_of_each_kind() -> None:
     plan = RatePlan({("global", "global"): RateLimit(rpm=100),
                      ("key", "k1"): RateLimit(rpm=10, tpm=5_000)}, RateLimit(rpm=50))
-    windows, slots = plan.needs("acme", "content", "k1", "bob", 300)
+    windows, slots = plan.needs("acme", "content", "k1", "bob")
     assert [w[0] for w in windows] == [("global", "global", "rpm"), ("key", "k1", "rpm"),
                                       ("key", "k1", "tpm"), ("user", "bob", "rpm")]
     assert slots == []
-    state = [(need, Window()) for need in windows]
-    assert refuse(T0 + 0.25, state, []) is None
-    counted = take(T0 + 0.25, state)
+    assert plan.needs("acme", "content", "k1", "bob") is plan.needs("acme", "content", "k1",
+                                                                     "bob")  # resolved once
+    state = [(key, limit, Window()) for key, limit in windows]
+    assert refuse(T0 + 0.25, state, [], 300) is None
+    counted = take(T0 + 0.25, state, 300)
     assert counted[2] == (("key", "k1", "tpm"), 300, int(T0))
     assert tightest(T0 + 0.25, state) == [
         ("x-ratelimit-limit-requests", "10"), ("x-ratelimit-remaining-requests", "9"),
@@ -145,8 +146,8 @@ def test_headers_name_the_tightest_limit_of_each_kind() -> None:
 
 def test_campaigns_have_no_rate_limits_and_listed_users_skip_the_default() -> None:
     plan = RatePlan({("user", "alice"): RateLimit(rpm=10)}, RateLimit(rpm=30))
-    assert plan.needs("t", "a", "k", "alice", 1)[0] == [(("user", "alice", "rpm"), 10, 1)]
-    assert plan.needs("t", "a", "k", None, 1) == ([], [])
+    assert plan.needs("t", "a", "k", "alice")[0] == [(("user", "alice", "rpm"), 10)]
+    assert plan.needs("t", "a", "k", None) == ([], [])
     assert not RatePlan({}, None) and RatePlan({}, RateLimit(rpm=1))
 
 

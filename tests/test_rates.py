@@ -201,6 +201,21 @@ def test_limits_of_every_scope_and_end_users(rate_stack: Callable[..., Stack]) -
     assert metric(stack, "costwall_rate_limited_total", scope="tenant", kind="rpm") == 1
 
 
+def test_end_users_come_and_go_and_their_limits_hold(rate_stack: Callable[..., Stack],
+                                                      clock: Clock) -> None:
+    """Every minute new end users arrive; the idle windows of the last ones are dropped (a
+    sweep about once a minute) without ever letting a current user past the limit."""
+    stack = rate_stack(rate_limits={"users_default": {"rpm": 2}})
+    for minute in range(4):
+        clock.set(T0 + timedelta(seconds=70 * minute))
+        for i in range(6):
+            user = {"extra_headers": {"X-Costwall-User": f"user-{minute}-{i}"}}
+            assert [chat(stack, **user)[0] for _ in range(3)] == [200, 200, 429]
+        windows = getattr(stack.gw.rates, "windows", None)  # in memory: only the live ones
+        assert windows is None or len(windows) == 6
+    assert stack.state.total_requests == 4 * 6 * 2
+
+
 # -- concurrency --------------------------------------------------------------------------------
 class CountingUpstream:
     """The simulator behind a middleware that measures requests in flight at the upstream."""

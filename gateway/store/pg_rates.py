@@ -121,6 +121,7 @@ class AdmitOp:
     now: float
     windows: list[Windowed]
     slots: list[Slot]
+    tokens: int  # the request's bound (what it counts in a tpm window)
     future: asyncio.Future[RateTicket | Refusal]
 
 
@@ -218,14 +219,15 @@ class SharedRates:
     # -- the request path --------------------------------------------------------------------
     async def admit(self, call: Call) -> None:
         windows, slots = self.plan.needs(call.key.tenant, call.agent, call.key.name,
-                                         call.user, call_tokens(call))
+                                         call.user)
         if not windows and not slots:
             return
         if not self.up:
             call.rate = self._without_store(call)
             return
         fut: asyncio.Future[RateTicket | Refusal] = asyncio.get_running_loop().create_future()
-        self.writes.put(AdmitOp(self.clock().timestamp(), windows, slots, fut))
+        self.writes.put(AdmitOp(self.clock().timestamp(), windows, slots, call_tokens(call),
+                                fut))
         try:
             result = await asyncio.wait_for(fut, self.op_timeout_s)
         except (TimeoutError, StoreAway) as exc:
@@ -326,7 +328,7 @@ class SharedRates:
             raise asyncpg.InterfaceError("rate store connection is closed")
         admits = [op for op in batch if isinstance(op, AdmitOp)]
         settles = [op for op in batch if isinstance(op, SettleOp)]
-        keys: set[RateKey] = {need[0] for op in admits for need in op.windows}
+        keys: set[RateKey] = {key for op in admits for key, _ in op.windows}
         keys.update(key for op in settles for key, _, _ in op.corrections)
         guarded = {slot[0] for op in admits for slot in op.slots}
         keys.update((scope, ident, "concurrent") for scope, ident in guarded)
@@ -358,17 +360,17 @@ class SharedRates:
                 others = {(r[0], r[1]): int(r[2]) for r in await conn.fetch(
                     _OTHERS, self.replica, [s[0] for s in scopes], [s[1] for s in scopes])}
             for op in admits:
-                state = [(need, windows[need[0]]) for need in op.windows]
+                state = [(key, limit, windows[key]) for key, limit in op.windows]
                 held = [(slot, others.get(slot[0], 0) + mine.get(slot[0], 0))
                         for slot in op.slots]
-                refusal = refuse(op.now, state, held)
+                refusal = refuse(op.now, state, held, op.tokens)
                 if refusal is not None:
                     results.append(refusal)
                     continue
                 for scope, _ in op.slots:
                     mine[scope] = mine.get(scope, 0) + 1
                     changed.add(scope)
-                results.append(RateTicket(self, take(op.now, state),
+                results.append(RateTicket(self, take(op.now, state, op.tokens),
                                           [scope for scope, _ in op.slots],
                                           tightest(op.now, state)))
             await self._write(conn, windows, mine, changed)
