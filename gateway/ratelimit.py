@@ -30,10 +30,13 @@ import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.budget_rules import scopes_for
-from gateway.settlement import Charge, UsageSource
+
+if TYPE_CHECKING:
+    from gateway.estimate import Estimate
+    from gateway.settlement import Charge
 
 KINDS = ("rpm", "tpm", "concurrent")
 WINDOW_S = 60
@@ -178,12 +181,18 @@ class RateTicket:
             self.owner.settle(self, sent, tokens)
 
 
+def bound_tokens(estimate: Estimate) -> int:
+    """What a request counts in a ``tpm`` limit at admission: its prompt and output bound."""
+    return estimate.prompt_tokens + estimate.output_tokens * estimate.choices
+
+
 def used_tokens(charge: Charge) -> int | None:
     """The tokens a settled request used, for ``tpm``: its usage, 0 for an answer that costs
-    nothing, None when unknown (charged at its bound, so counted at its bound)."""
+    nothing (``UsageSource.NONE``), None when unknown (charged at its bound, so counted at
+    its bound)."""
     if charge.usage is not None:
         return charge.usage.prompt_tokens + charge.usage.completion_tokens
-    return 0 if charge.source is UsageSource.NONE else None
+    return 0 if charge.source == "none" else None
 
 
 # -- one request against all its limits --------------------------------------------------------

@@ -33,6 +33,7 @@ from gateway.ratelimit import (
     ScopeId,
     Slot,
     Window,
+    bound_tokens,
     correction,
     refuse,
     scope_kinds,
@@ -62,20 +63,6 @@ class Rates(Protocol):
     async def close(self) -> None: ...
 
 
-def call_tokens(call: Call) -> int:
-    """What a request counts in a ``tpm`` limit at admission: its prompt and output bound."""
-    est = call.estimate
-    return est.prompt_tokens + est.output_tokens * est.choices
-
-
-def refused(metrics: Metrics, call: Call, refusal: Refusal) -> RateLimited:
-    """Count a refusal (``costwall_rate_limited_total``, ``requests_total`` as
-    ``rate_limited``) and make its 429."""
-    metrics.child(metrics.rate_limited, refusal.scope, refusal.kind).inc()
-    metrics.child(metrics.requests, "rate_limited", call.price.name).inc()
-    return RateLimited(refusal.message(), refusal.headers())
-
-
 class LocalRates:
     """The limits of one process, in memory (SQLite, and PostgreSQL's fail-open fallback)."""
 
@@ -96,6 +83,14 @@ class LocalRates:
     async def admit(self, call: Call) -> None:
         call.rate = self.admit_now(call)
 
+    def refused(self, call: Call, refusal: Refusal) -> RateLimited:
+        """Count a refusal (``costwall_rate_limited_total``, ``requests_total`` as
+        ``rate_limited``) and make its 429."""
+        metrics = self.metrics
+        metrics.child(metrics.rate_limited, refusal.scope, refusal.kind).inc()
+        metrics.child(metrics.requests, "rate_limited", call.price.name).inc()
+        return RateLimited(refusal.message(), refusal.headers())
+
     def admit_now(self, call: Call) -> RateTicket | None:
         """Admit or raise, synchronously: plain arithmetic on this process's windows."""
         key = call.key
@@ -110,12 +105,12 @@ class LocalRates:
             self.sweep(now)  # may drop the windows just found: resolve them again
             found = self._resolve(scopes)
         windows, slots = found
-        tokens = call_tokens(call)
+        tokens = bound_tokens(call.estimate)
         inflight = self.inflight
         held = [(slot, inflight.get(slot[0], 0)) for slot in slots] if slots else []
         refusal = refuse(now, windows, held, tokens)
         if refusal is not None:
-            raise refused(self.metrics, call, refusal)
+            raise self.refused(call, refusal)
         for scope, _ in slots:
             inflight[scope] = inflight.get(scope, 0) + 1
         return RateTicket(self, take(now, windows, tokens), [scope for scope, _ in slots],

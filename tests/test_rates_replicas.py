@@ -334,3 +334,31 @@ def test_rate_store_not_answering(tmp_path: Path, database: str, mode: str) -> N
     finally:
         stack.close()
         loop.stop()
+
+
+def test_housekeeping_deletes_dead_slots_and_idle_rows(database: str) -> None:
+    """The sweep's SQL: slots of replicas not heard of for the reclaim window go, windows idle
+    for two minutes go, the lock row of a scope with nothing in flight goes; the rest stays."""
+    from gateway.store.pg_rates_sql import SCHEMA, SWEEP_DEAD, SWEEP_IDLE
+
+    async def run() -> list[tuple[str, str, str]]:
+        conn = await asyncpg.connect(database)
+        try:
+            await conn.execute(SCHEMA)
+            await conn.execute("CREATE TABLE replicas (id TEXT, last_seen TIMESTAMPTZ)")
+            await conn.execute("INSERT INTO replicas VALUES ('alive', now()), "
+                               "('late', now() - interval '1 minute')")
+            await conn.execute(
+                "INSERT INTO rate_windows (scope, id, kind, head) VALUES "
+                "('key', 'old', 'rpm', 5), ('key', 'new', 'rpm', 500), "
+                "('key', 'old', 'concurrent', 0), ('key', 'new', 'concurrent', 0)")
+            await conn.execute("INSERT INTO rate_inflight VALUES ('key', 'new', 'alive', 1), "
+                               "('key', 'old', 'late', 2), ('key', 'old', 'gone', 1)")
+            assert await conn.execute(SWEEP_DEAD, "me", 10.0) == "DELETE 2"
+            assert await conn.execute(SWEEP_IDLE, 100) == "DELETE 2"
+            return [tuple(r) for r in await conn.fetch(
+                "SELECT scope, id, kind FROM rate_windows ORDER BY 1, 2, 3")]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == [("key", "new", "concurrent"), ("key", "new", "rpm")]

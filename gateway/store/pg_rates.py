@@ -49,62 +49,29 @@ from gateway.ratelimit import (
     Slot,
     Window,
     Windowed,
+    bound_tokens,
     correction,
     refuse,
     take,
     tightest,
 )
-from gateway.rates import LocalRates, call_tokens, refused
 from gateway.store.group_commit import GroupCommit, resolve
+from gateway.store.pg_rates_sql import (
+    LOCK,
+    OTHERS,
+    SCHEMA,
+    SCHEMA_LOCK,
+    SWEEP_DEAD,
+    SWEEP_IDLE,
+    WRITE_MINE,
+    WRITE_WINDOWS,
+)
 
 if TYPE_CHECKING:
     from gateway.call import Call
+    from gateway.rates import LocalRates
 
 log = logging.getLogger("costwall.rates")
-
-SCHEMA_LOCK = 0x636F737472617465  # "costrate": one replica creates the tables at a time
-SCHEMA = """
-CREATE UNLOGGED TABLE IF NOT EXISTS rate_windows (
-    scope TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL,
-    head BIGINT NOT NULL DEFAULT 0, counts BIGINT[] NOT NULL DEFAULT '{}',
-    PRIMARY KEY (scope, id, kind)
-);
-CREATE UNLOGGED TABLE IF NOT EXISTS rate_inflight (
-    scope TEXT NOT NULL, id TEXT NOT NULL, replica TEXT NOT NULL, n INTEGER NOT NULL,
-    PRIMARY KEY (scope, id, replica)
-);
-"""
-# Lock (and create) the rows of a batch in one order, so two replicas never deadlock.
-_LOCK = """
-INSERT INTO rate_windows AS w (scope, id, kind)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(scope, id, kind) ORDER BY 1, 2, 3
-ON CONFLICT (scope, id, kind) DO UPDATE SET head = w.head
-RETURNING scope, id, kind, head, counts
-"""
-_OTHERS = """
-SELECT i.scope, i.id, sum(i.n) FROM rate_inflight i
-JOIN unnest($2::text[], $3::text[]) AS k(scope, id) ON (i.scope, i.id) = (k.scope, k.id)
-WHERE i.replica <> $1 GROUP BY i.scope, i.id
-"""
-_WRITE_WINDOWS = """
-UPDATE rate_windows AS w SET head = v.head, counts = v.counts::bigint[]
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
-    AS v(scope, id, kind, head, counts)
-WHERE (w.scope, w.id, w.kind) = (v.scope, v.id, v.kind)
-"""
-_WRITE_MINE = """
-WITH v AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int4[]) AS v(scope, id, n)),
-gone AS (DELETE FROM rate_inflight i USING v
-         WHERE v.n = 0 AND (i.scope, i.id, i.replica) = (v.scope, v.id, $1))
-INSERT INTO rate_inflight (scope, id, replica, n) SELECT scope, id, $1, n FROM v WHERE n > 0
-ON CONFLICT (scope, id, replica) DO UPDATE SET n = excluded.n
-"""
-_SWEEP_DEAD = """
-DELETE FROM rate_inflight i WHERE i.replica <> $1 AND NOT EXISTS (
-    SELECT 1 FROM replicas r WHERE r.id = i.replica
-    AND r.last_seen > now() - $2::float8 * interval '1 second')
-"""
-_SWEEP_IDLE = "DELETE FROM rate_windows WHERE kind <> 'concurrent' AND head < $1"
 
 # Lost connection, a statement cut by statement_timeout, a refused connect: the store is away.
 _AWAY = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
@@ -226,8 +193,8 @@ class SharedRates:
             call.rate = self._without_store(call)
             return
         fut: asyncio.Future[RateTicket | Refusal] = asyncio.get_running_loop().create_future()
-        self.writes.put(AdmitOp(self.clock().timestamp(), windows, slots, call_tokens(call),
-                                fut))
+        self.writes.put(AdmitOp(self.clock().timestamp(), windows, slots,
+                                bound_tokens(call.estimate), fut))
         try:
             result = await asyncio.wait_for(fut, self.op_timeout_s)
         except (TimeoutError, StoreAway) as exc:
@@ -235,7 +202,7 @@ class SharedRates:
             call.rate = self._without_store(call)
             return
         if isinstance(result, Refusal):
-            raise refused(self.metrics, call, result)
+            raise self.local.refused(call, result)
         call.rate = result
 
     def _without_store(self, call: Call) -> RateTicket | None:
@@ -343,7 +310,7 @@ class SharedRates:
             windows: dict[RateKey, Window] = {}
             if keys:
                 order = sorted(keys)
-                rows = await conn.fetch(_LOCK, [k[0] for k in order], [k[1] for k in order],
+                rows = await conn.fetch(LOCK, [k[0] for k in order], [k[1] for k in order],
                                         [k[2] for k in order])
                 windows = {(r[0], r[1], r[2]): Window(r[3], r[4]) for r in rows}
             for settle in settles:  # first: what they free is free for this batch
@@ -358,7 +325,7 @@ class SharedRates:
             if guarded:
                 scopes = sorted(guarded)
                 others = {(r[0], r[1]): int(r[2]) for r in await conn.fetch(
-                    _OTHERS, self.replica, [s[0] for s in scopes], [s[1] for s in scopes])}
+                    OTHERS, self.replica, [s[0] for s in scopes], [s[1] for s in scopes])}
             for op in admits:
                 state = [(key, limit, windows[key]) for key, limit in op.windows]
                 held = [(slot, others.get(slot[0], 0) + mine.get(slot[0], 0))
@@ -384,12 +351,12 @@ class SharedRates:
         rows = [(k, w) for k, w in windows.items() if k[2] != "concurrent"]
         if rows:
             await conn.execute(
-                _WRITE_WINDOWS, [k[0] for k, _ in rows], [k[1] for k, _ in rows],
+                WRITE_WINDOWS, [k[0] for k, _ in rows], [k[1] for k, _ in rows],
                 [k[2] for k, _ in rows], [w.head for _, w in rows],
                 ["{" + ",".join(map(str, w.counts)) + "}" for _, w in rows])
         if changed:
             scopes = sorted(changed)
-            await conn.execute(_WRITE_MINE, self.replica, [s[0] for s in scopes],
+            await conn.execute(WRITE_MINE, self.replica, [s[0] for s in scopes],
                                [s[1] for s in scopes], [mine.get(s, 0) for s in scopes])
 
     async def _sweep(self, conn: asyncpg.Connection, batch: list[Op]) -> None:
@@ -398,8 +365,8 @@ class SharedRates:
         if sweep is None:
             return
         try:
-            await conn.execute(_SWEEP_DEAD, self.replica, self.reclaim_after_s)
-            await conn.execute(_SWEEP_IDLE, int(sweep.now) - 2 * 61)
+            await conn.execute(SWEEP_DEAD, self.replica, self.reclaim_after_s)
+            await conn.execute(SWEEP_IDLE, int(sweep.now) - 2 * 61)
         except Exception as exc:  # another replica's batch may hold the rows: next time
             log.info("rate limits: housekeeping skipped (%s)", type(exc).__name__)
         self.local.sweep(sweep.now)
