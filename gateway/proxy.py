@@ -47,7 +47,7 @@ from gateway.inbound import (
 from gateway.ledger import LedgerEntry
 from gateway.money import format_usd
 from gateway.pricing import Usage
-from gateway.ratelimit import used_tokens
+from gateway.ratelimit import tighter_than, used_tokens
 from gateway.services import GATEWAY, Gateway
 from gateway.settlement import LEDGER_MAX_COST, Charge, UsageSource, decide, output_items
 from gateway.tokens import count_text, encoding
@@ -178,10 +178,11 @@ async def record_pending(gw: Gateway, call: Call) -> None:
 
 
 # -- forwarding -------------------------------------------------------------------------------
-def _our_headers(gw: Gateway, call: Call) -> list[tuple[str, str]]:
+def _our_headers(gw: Gateway, call: Call,
+                 relayed: list[tuple[str, str]]) -> list[tuple[str, str]]:
     headers = [("X-Costwall-Request-Id", call.id)]
-    if call.rate is not None:
-        headers += call.rate.headers  # x-ratelimit-* of the tightest limits
+    if call.rate is not None:  # x-ratelimit-*: the tighter of ours and the upstream's
+        headers += tighter_than(relayed, call.rate.headers)
     if call.reservation is not None:
         if call.reservation.clamped_tokens is not None:
             headers.append(("X-Costwall-Clamped-Max-Tokens", str(call.reservation.clamped_tokens)))
@@ -257,7 +258,7 @@ def relay_body(gw: Gateway, call: Call, upstream: aiohttp.ClientResponse,
     key = gw.settings.upstream_key
     # All headers as one list: the response builds its header dict once from it.
     out = client_response_headers(upstream.headers.items(), key)
-    out += _our_headers(gw, call)
+    out += _our_headers(gw, call, out)
     if upstream.status == 401:  # the upstream refused costwall's key, not the agent's
         return upstream_auth_failed(gw.settings.upstream_key_env, out)
     if upstream.status == 403:  # relayed as is, marked as the upstream's refusal
@@ -275,7 +276,7 @@ async def relay_stream(
 ) -> web.StreamResponse:
     """Relay SSE chunk by chunk as it arrives; charge what was produced however it ends."""
     headers = client_response_headers(upstream.headers.items(), gw.settings.upstream_key)
-    headers += _our_headers(gw, call)
+    headers += _our_headers(gw, call, headers)
     response = web.StreamResponse(status=upstream.status, headers=headers)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"

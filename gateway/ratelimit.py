@@ -203,6 +203,7 @@ Windowed = tuple[RateKey, int]
 Counting = tuple[RateKey, int, Window]
 # A concurrency limit: (scope, id), limit.
 Slot = tuple[ScopeId, int]
+_PARTS = ("limit", "remaining", "reset")
 _HEADERS = {"rpm": ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
                     "x-ratelimit-reset-requests"),
             "tpm": ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
@@ -316,6 +317,41 @@ def tightest(now: float, windows: Sequence[Counting]) -> list[tuple[str, str]]:
             out += ((names[0], str(limit)), (names[1], str(max(limit - window.total, 0))),
                     (names[2], _duration_ms(reset_ms)))
     return out
+
+
+def tighter_than(upstream: list[tuple[str, str]],
+                 ours: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Of each ``x-ratelimit-*`` trio (requests, tokens), the tighter one: the upstream's own
+    (OpenAI sends the organisation's) or costwall's. Returns ours where they win and removes
+    the upstream's losing trio from ``upstream`` in place, so no header is sent twice.
+
+    >>> up = [("x-ratelimit-limit-requests", "5000"), ("x-ratelimit-remaining-requests", "4999"),
+    ...       ("x-ratelimit-reset-requests", "12ms"), ("x-ratelimit-remaining-tokens", "3")]
+    >>> ours = [("x-ratelimit-limit-requests", "60"), ("x-ratelimit-remaining-requests", "59"),
+    ...         ("x-ratelimit-reset-requests", "1s"), ("x-ratelimit-limit-tokens", "900"),
+    ...         ("x-ratelimit-remaining-tokens", "800"), ("x-ratelimit-reset-tokens", "1s")]
+    >>> [v for _, v in tighter_than(up, ours)], up
+    (['60', '59', '1s'], [('x-ratelimit-remaining-tokens', '3')])
+    """
+    theirs = {name.lower(): (i, value) for i, (name, value) in enumerate(upstream)
+              if name[:12].lower() == "x-ratelimit-"}
+    if not theirs:
+        return ours
+    keep: list[tuple[str, str]] = []
+    drop: set[int] = set()
+    for unit in ("requests", "tokens"):
+        mine = [h for h in ours if h[0].endswith(unit)]
+        if not mine:
+            continue
+        other = theirs.get(f"x-ratelimit-remaining-{unit}")
+        if other is not None and other[1].strip().isdigit() and int(other[1]) < int(mine[1][1]):
+            continue  # the upstream's limit is the tighter one: its trio stays
+        keep += mine
+        drop.update(theirs[f"x-ratelimit-{part}-{unit}"][0] for part in _PARTS
+                    if f"x-ratelimit-{part}-{unit}" in theirs)
+    if drop:
+        upstream[:] = [h for i, h in enumerate(upstream) if i not in drop]
+    return keep
 
 
 def correction(kind: str, amount: int, sent: bool, tokens: int | None) -> int:

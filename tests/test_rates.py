@@ -220,11 +220,17 @@ def test_end_users_come_and_go_and_their_limits_hold(rate_stack: Callable[..., S
 class CountingUpstream:
     """The simulator behind a middleware that measures requests in flight at the upstream."""
 
-    def __init__(self, lt: LoopThread, delay_s: float):
+    def __init__(self, lt: LoopThread, delay_s: float,
+                 headers: dict[str, str] | None = None):
         self.lt = lt
         self.state = FakeUpstreamState(delay_s=delay_s, chunk_delay_s=0.01)
         self.inflight = self.peak = 0
         app = create_fake_upstream(self.state)
+
+        async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers.update(headers or {})  # e.g. OpenAI's own x-ratelimit-*
+
+        app.on_response_prepare.append(add_headers)
 
         @web.middleware
         async def count(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -280,6 +286,32 @@ def test_concurrent_limit_holds_under_50_parallel_streams(tmp_path: Path,
         refused = metric(stack, "costwall_rate_limited_total", scope="key", kind="concurrent")
         assert refused >= 46  # the first wave alone: 46 of 50 found no slot
         assert metric(stack, "costwall_requests_total", outcome="rate_limited") == refused
+    finally:
+        stack.close()
+        upstream.close()
+
+
+def test_the_upstreams_own_ratelimit_headers_are_never_sent_twice(tmp_path: Path,
+                                                                   clock: Clock) -> None:
+    """OpenAI sends the organisation's x-ratelimit-*: per kind the client gets the tighter
+    limit's trio, the upstream's or costwall's, once."""
+    upstream = CountingUpstream(LoopThread(), delay_s=0, headers={
+        "x-ratelimit-limit-requests": "5000", "x-ratelimit-remaining-requests": "4999",
+        "x-ratelimit-reset-requests": "12ms", "x-ratelimit-limit-tokens": "160000",
+        "x-ratelimit-remaining-tokens": "7", "x-ratelimit-reset-tokens": "9ms"})
+    stack = Stack(tmp_path, clock=clock, upstream={"base_url": upstream.url},
+                  rate_limits={"keys": {KEY_LIMIT: {"rpm": 60, "tpm": 100_000}}})
+    try:
+        for stream in (False, True):
+            raw = stack.client(KEY_LIMIT).chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=MESSAGES, max_tokens=5, stream=stream)
+            got = [(k, v) for k, v in raw.headers.multi_items() if k.startswith("x-ratelimit")]
+            assert sorted(got) == sorted([
+                ("x-ratelimit-limit-requests", "60"),  # ours: 59 left < 4999
+                ("x-ratelimit-remaining-requests", str(59 - stream)),
+                ("x-ratelimit-reset-requests", "1m0.5s"),
+                ("x-ratelimit-limit-tokens", "160000"),  # the upstream's: 7 left
+                ("x-ratelimit-remaining-tokens", "7"), ("x-ratelimit-reset-tokens", "9ms")])
     finally:
         stack.close()
         upstream.close()

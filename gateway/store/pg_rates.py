@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -370,6 +370,3 @@ class SharedRates:
         except Exception as exc:  # another replica's batch may hold the rows: next time
             log.info("rate limits: housekeeping skipped (%s)", type(exc).__name__)
         self.local.sweep(sweep.now)
-
-    def describe(self) -> list[dict[str, Any]]:
-        return self.plan.describe()
