@@ -16,7 +16,11 @@ from gateway.budget import ScopeKey, scopes_for
 # invalid: the upstream reported a usage that cannot be real (gateway.usage); the request
 # was charged by counting, or at its reserved bound when there was nothing to count.
 USAGE_SOURCES = ("upstream", "counted", "reserved", "none", "invalid")
-GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task", "state")
+# Usage report groups and the ledger column each one reads ("day" is computed from ``ts``).
+GROUP_COLUMNS = {"tenant": "tenant", "agent": "agent", "campaign": "campaign", "model": "model",
+                 "day": "ts", "key_name": "key_name", "task": "task", "state": "state",
+                 "user": "end_user"}
+GROUP_BY = tuple(GROUP_COLUMNS)
 
 
 @dataclass(slots=True)

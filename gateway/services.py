@@ -98,8 +98,12 @@ class Gateway:
     # -- what happened to a request -----------------------------------------------------------
     def record_blocked(self, call: Call, exc: BudgetExceeded) -> None:
         self.metrics.child(self.metrics.requests, "blocked", call.price.name).inc()
-        self.audit.record("blocked", self._execution(call, exc.scope, exc.scope_id, exc.limit,
-                                                     exc.spent, exc.estimate, exc.message))
+        # The Markdown table keeps its columns (the reason names the window); the JSON event
+        # also carries it.
+        self.audit.record("blocked", {
+            **self._execution(call, exc.scope, exc.scope_id, exc.limit, exc.spent,
+                              exc.estimate, exc.message),
+            "window": exc.window, "period": exc.period})
         if self.alerts is not None and self.alerts.enabled and exc.scope:
             # Once per scope and period of a window: the id is the same for every later
             # refusal (the period id names its window).

@@ -136,12 +136,8 @@ def _amount(value: Any, where: str, problems: list[str]) -> int | None:
                         "got nothing")
         return None
     try:
-        pico = to_pico(value)
+        return to_pico(value)  # refuses negative amounts (a cap of 0 refuses every request)
     except MoneyError as exc:
         problems.append(f"{where}: expected an amount in USD such as 200 or \"12.50\" "
                         f"({exc})")
         return None
-    if pico < 0:
-        problems.append(f"{where}: a cap cannot be negative (0 refuses every request)")
-        return None
-    return pico

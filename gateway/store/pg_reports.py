@@ -8,7 +8,15 @@ from typing import Any
 import asyncpg
 
 from gateway.budget import ScopeKey
-from gateway.ledger import COLUMNS, GROUP_BY, LedgerEntry, UsageRow, fold_overshoot, fold_spend
+from gateway.ledger import (
+    COLUMNS,
+    GROUP_BY,
+    GROUP_COLUMNS,
+    LedgerEntry,
+    UsageRow,
+    fold_overshoot,
+    fold_spend,
+)
 from gateway.windows import Span
 
 _COST = "CASE WHEN state = 'pending' THEN reserved ELSE cost END"
@@ -50,7 +58,7 @@ class PgReports:
         if group_by not in GROUP_BY:
             raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
         column = ("to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if group_by == "day"
-                  else f"COALESCE({group_by}, '')")
+                  else f"COALESCE({GROUP_COLUMNS[group_by]}, '')")
         where, params = "period = $1", [period]
         if tenant is not None:
             where += " AND tenant = $2"

@@ -12,7 +12,15 @@ from typing import Any
 import aiosqlite
 
 from gateway.budget import ScopeKey
-from gateway.ledger import COLUMNS, GROUP_BY, LedgerEntry, UsageRow, fold_overshoot, fold_spend
+from gateway.ledger import (
+    COLUMNS,
+    GROUP_BY,
+    GROUP_COLUMNS,
+    LedgerEntry,
+    UsageRow,
+    fold_overshoot,
+    fold_spend,
+)
 from gateway.store.sqlite_sql import _COST, _USAGE_SUMS, _entry, _ts, _unwide, _wide_sum
 from gateway.windows import Span
 
@@ -51,7 +59,8 @@ class SqliteReports:
     async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
         if group_by not in GROUP_BY:
             raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
-        column = "substr(ts, 1, 10)" if group_by == "day" else f"COALESCE({group_by}, '')"
+        column = ("substr(ts, 1, 10)" if group_by == "day"
+                  else f"COALESCE({GROUP_COLUMNS[group_by]}, '')")
         where, params = "period = ?", [period]
         if tenant is not None:
             where += " AND tenant = ?"
