@@ -69,15 +69,21 @@ async def post_override(request: web.Request) -> web.Response:
 
 @requires("write")
 async def put_budget(request: web.Request) -> web.Response:
+    """Set, change or (null) remove any of a scope's windows: ``{"daily_usd": "40"}``.
+
+    The answer is the scope's first changed window that still has a cap (the same fields
+    as a ``GET budget`` scope) plus ``windows``, every window the scope now has."""
     gw = request.app[GATEWAY]
     key = ops.cap_key(request.match_info["scope"], request.match_info["id"])
     body = await read_json(request)
-    limit = validate.money(body.get("monthly_usd"))
+    changes = validate.caps(body)
     reason = validate.reason(body.get("reason"), required=False)
-    await ops.set_cap(gw, key, limit, principal(request).actor, reason)
+    await ops.set_caps(gw, key, changes, principal(request).actor, reason)
     _, scopes = await ops.scopes(gw)
-    view = next(s for s in scopes if (s.status.scope, s.status.id) == key)
-    return reply(view.as_json())
+    windows = [s for s in scopes if (s.status.scope, s.status.id) == key]
+    first = next((s for s in windows if s.status.window in changes), None)
+    out = first.as_json() if first else {"scope": key[0], "id": key[1]}
+    return reply({**out, "windows": [s.as_json() for s in windows]})
 
 
 @requires("write")

@@ -52,7 +52,7 @@ def plural(number: int, noun: str, many: str | None = None) -> str:
     return f"{number:,} {noun if number == 1 else many or noun + 's'}"
 
 
-def when(value: str | None) -> str:
+def when(value: str | datetime | None) -> str:
     """One timestamp format on every page (UTC, to the second): ``2026-11-29 22:04:51``.
 
     >>> when("2026-11-29T22:04:51.123456Z"), when("2026-11-29T23:04:51+01:00"), when(None)
@@ -60,10 +60,13 @@ def when(value: str | None) -> str:
     """
     if not value:
         return ""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return value[:19].replace("T", " ")
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return value[:19].replace("T", " ")
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S")

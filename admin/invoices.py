@@ -58,7 +58,7 @@ CSV_COLUMNS = (
     "timestamp", "request_id", "tenant", "agent", "campaign", "task", "model",
     "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_usd",
     "override", "override_reason", "key_name", "endpoint", "status", "usage_source", "state",
-    "latency_ms", "overshoot_usd",
+    "latency_ms", "overshoot_usd", "user",
 )
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 __all__ = [  # the invoice API, including what it re-exports from admin.pdf_sandbox
@@ -332,7 +332,7 @@ def render_csv(invoice: Invoice) -> bytes:
             e.completion_tokens, e.reasoning_tokens, format_usd(charge(e)),
             "true" if e.override else "false", neutralise(e.override_reason),
             neutralise(e.key_name), neutralise(e.endpoint), e.status, e.usage_source, e.state,
-            e.latency_ms, format_usd(e.overshoot),
+            e.latency_ms, format_usd(e.overshoot), neutralise(e.end_user),
         ))
     return buf.getvalue().encode("utf-8")
 

@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import logging
 import secrets
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from decimal import Decimal
@@ -23,10 +23,11 @@ from admin.errors import BadInput, Conflict, Missing
 from gateway.alerts import event_id
 from gateway.budget import ScopeKey, ScopeStatus, WarnRule
 from gateway.config import hash_key
-from gateway.errors import ServiceUnavailable
+from gateway.errors import ServiceUnavailable, iso_utc
 from gateway.ledger import KeyRecord, UsageRow
 from gateway.money import format_usd
 from gateway.services import OVERRIDE_SETTING, Gateway, OverrideState
+from gateway.windows import WINDOWS
 
 SECRET_PREFIX = "sk-cw-"
 log = logging.getLogger("costwall.admin")
@@ -58,7 +59,8 @@ async def _commit(gw: Gateway, write: Awaitable[T]) -> T:
 # -- reading ---------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ScopeView:
-    """One limited scope this month, with where its limit comes from."""
+    """One limited scope in the current period of one of its windows, with where its limit
+    comes from."""
 
     status: ScopeStatus
     source: str  # "config" or "admin"
@@ -81,7 +83,9 @@ class ScopeView:
         limit, spent, reserved = format_usd(s.limit), format_usd(s.spent), format_usd(s.reserved)
         # SPEC names the fields limit/spent/reserved/utilization; the _usd names match the
         # 402 body's budget object. Both are kept so scripts written either way work.
-        return {"scope": s.scope, "id": s.id, "limit_usd": limit, "spent_usd": spent,
+        return {"scope": s.scope, "id": s.id, "window": s.window, "period": s.period,
+                "resets_at": iso_utc(s.resets_at) if s.resets_at is not None else None,
+                "limit_usd": limit, "spent_usd": spent,
                 "reserved_usd": reserved, "limit": limit, "spent": spent, "reserved": reserved,
                 "utilization": str(s.utilization.quantize(Decimal("0.000001"))),
                 "source": self.source, "level": self.level,
@@ -102,19 +106,26 @@ def level(status: ScopeStatus, rule: WarnRule) -> str:
     return "ok"
 
 
+SCOPE_ORDER = {"global": 0, "tenant": 1, "agent": 2, "campaign": 3, "key": 4, "user": 5}
+WINDOW_ORDER = {w: i for i, w in enumerate(WINDOWS)}
+
+
 async def scopes(gw: Gateway) -> tuple[str, list[ScopeView]]:
-    """This month's period and every limited scope, global first."""
+    """This month's period and every limited scope in the current period of each of its
+    windows: global first, each scope's windows longest first. Overshoot is counted per
+    month, so it shows on the monthly rows."""
     period = gw.budgets.current_period()
-    await gw.budgets.book(period)
+    await gw.budgets.load_current()
     admin_caps = await gw.ledger.caps()
     over = await gw.ledger.overshoot(period)
-    order = {"global": 0, "tenant": 1, "agent": 2, "campaign": 3, "key": 4}
     views = [
-        ScopeView(s, "admin" if (s.scope, s.id) in admin_caps else "config",
-                  level(s, gw.budgets.rule), over.get((s.scope, s.id), (0, 0)))
-        for s in gw.budgets.status(period)
+        ScopeView(s, "admin" if s.window in admin_caps.get((s.scope, s.id), {}) else "config",
+                  level(s, gw.budgets.rule),
+                  over.get((s.scope, s.id), (0, 0)) if s.window == "monthly" else (0, 0))
+        for s in gw.budgets.status()
     ]
-    views.sort(key=lambda v: (order.get(v.status.scope, 9), v.status.id))
+    views.sort(key=lambda v: (SCOPE_ORDER.get(v.status.scope, 9), v.status.id,
+                              WINDOW_ORDER.get(v.status.window, 9)))
     return period, views
 
 
@@ -201,27 +212,39 @@ def cap_key(scope: str, scope_id: str) -> ScopeKey:
     return kind, validate.scope_id(kind, scope_id)
 
 
+async def set_caps(gw: Gateway, key: ScopeKey, changes: Mapping[str, int | None], actor: str,
+                   reason: str = "") -> None:
+    """Add, change or (None) remove caps of one scope, per window, in one change with one
+    audit event; the next request is admitted against them."""
+    old = {w: gw.budgets.limits.get(key, w) for w in changes}
+    detail = "; ".join(f"{w}_usd {_usd_or_none(old[w])} → {_usd_or_none(v)}"
+                       for w, v in changes.items())
+    action = "cap.remove" if all(v is None for v in changes.values()) else "cap.set"
+    audit = gw.admin_row(actor, action, f"{key[0]}:{key[1]}", detail, reason)
+    await _commit(gw, gw.ledger.set_caps(key, changes, audit=audit))
+    for window, limit in changes.items():
+        await gw.budgets.set_limit(key, limit, window)
+    for window, limit in changes.items():
+        if old[window] != limit:
+            _cap_alert(gw, key, window, old[window], limit, actor)
+
+
 async def set_cap(gw: Gateway, key: ScopeKey, limit: int, actor: str, reason: str = "") -> None:
-    """Add or change a monthly cap; the next request is admitted against it."""
-    old = gw.budgets.limits.get(key)
-    before = "none" if old is None else format_usd(old)
-    audit = gw.admin_row(actor, "cap.set", f"{key[0]}:{key[1]}",
-                         f"monthly_usd {before} → {format_usd(limit)}", reason)
-    await _commit(gw, gw.ledger.set_cap(key, limit, audit=audit))
-    await gw.budgets.set_limit(key, limit)
-    _cap_alert(gw, key, old, limit, actor)
+    """Add or change a monthly cap (the admin page's and older API clients' one window)."""
+    await set_caps(gw, key, {"monthly": limit}, actor, reason)
 
 
 async def remove_cap(gw: Gateway, key: ScopeKey, actor: str, reason: str = "") -> None:
-    """Remove a cap (also one from the config file; the removal is stored)."""
-    old = gw.budgets.limits.get(key)
-    if old is None:
+    """Remove every window's cap of a scope (also caps from the config file: the removal is
+    stored). An end user then falls back to ``users_default``."""
+    caps = gw.budgets.limits.caps.get(key)
+    if not caps:
         raise Missing(f"There is no cap for {key[0]} '{key[1]}'.")
-    audit = gw.admin_row(actor, "cap.remove", f"{key[0]}:{key[1]}",
-                         f"monthly_usd {format_usd(old)} → none", reason)
-    await _commit(gw, gw.ledger.set_cap(key, None, audit=audit))
-    await gw.budgets.set_limit(key, None)
-    _cap_alert(gw, key, old, None, actor)
+    await set_caps(gw, key, {w: None for w in caps}, actor, reason)
+
+
+def _usd_or_none(value: int | None) -> str:
+    return "none" if value is None else format_usd(value)
 
 
 def _alert(gw: Gateway, event_type: str, unique: str, data: dict[str, Any]) -> None:
@@ -230,11 +253,11 @@ def _alert(gw: Gateway, event_type: str, unique: str, data: dict[str, Any]) -> N
         gw.alerts.emit(event_type, event_id(event_type, unique, *sorted(data.items())), data)
 
 
-def _cap_alert(gw: Gateway, key: ScopeKey, old: int | None, new: int | None,
+def _cap_alert(gw: Gateway, key: ScopeKey, window: str, old: int | None, new: int | None,
                actor: str) -> None:
     now = gw.clock().astimezone(UTC).isoformat(timespec="microseconds")
     _alert(gw, "cap.changed", now, {
-        "scope": key[0], "id": key[1], "window": "monthly",
+        "scope": key[0], "id": key[1], "window": window,
         "old_limit_usd": None if old is None else format_usd(old),
         "limit_usd": None if new is None else format_usd(new), "actor": actor,
         "changed_at": now})

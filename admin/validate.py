@@ -14,6 +14,7 @@ from admin.errors import BadInput
 from gateway.config import SCOPES
 from gateway.ledger import GROUP_BY
 from gateway.money import MoneyError, parse_usd, to_pico
+from gateway.windows import FIELDS
 
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 DAY_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01]))?$")
@@ -27,19 +28,35 @@ USAGE_GROUPS = GROUP_BY
 
 
 def money(value: Any, field: str = "monthly_usd") -> int:
-    """A monthly cap in USD (decimal string, int or exact Decimal) as pico-USD."""
+    """A cap in USD (decimal string, int or exact Decimal) as pico-USD."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise BadInput(f"{field} is required, e.g. \"250\" or \"12.50\".", param=field)
     if isinstance(value, str):
         value = value.strip().removeprefix("$").replace(",", "").strip()
     try:
         if parse_usd(value) > MAX_CAP_USD:  # before scaling: 1e999999 would overflow Decimal
-            raise BadInput(f"{field}: caps above ${MAX_CAP_USD:,} a month are not supported.",
+            raise BadInput(f"{field}: caps above ${MAX_CAP_USD:,} are not supported.",
                            param=field)
         return to_pico(value)
     except (MoneyError, ArithmeticError) as exc:
         raise BadInput(f"{field}: {exc}. Give a non-negative amount in USD like \"12.50\".",
                        param=field) from None
+
+
+def caps(body: dict[str, Any], allowed: tuple[str, ...] = ("reason",)) -> dict[str, int | None]:
+    """The windows a change names: ``{"daily_usd": "40", "hourly_usd": null}`` ->
+    ``{"daily": pico, "hourly": None}`` (null removes that window's cap)."""
+    unknown = sorted(k for k in body if k not in FIELDS and k not in allowed)
+    if unknown:
+        raise BadInput(f"Unknown field {unknown[0][:40]!r}: a cap is set per window with "
+                       f"{', '.join(FIELDS)} (null removes one).", param=unknown[0][:40],
+                       code="unknown_window")
+    changes = {FIELDS[k]: None if body[k] is None else money(body[k], k)
+               for k in FIELDS if k in body}
+    if not changes:
+        raise BadInput(f"Name at least one window: {', '.join(FIELDS)} (e.g. "
+                       "{\"daily_usd\": \"40\"}; null removes one).", param="monthly_usd")
+    return changes
 
 
 def scope(value: str) -> str:

@@ -24,7 +24,7 @@ from admin.app import create_admin_app
 from gateway.alerts import Alerts, alerts_ctx
 from gateway.anomaly import anomaly_watch
 from gateway.audit import AuditTrail
-from gateway.budget import Crossing
+from gateway.budget import Crossing, apply_caps
 from gateway.config import Settings
 from gateway.config.alerts import Channel
 from gateway.errors import GatewayError, NotFound
@@ -94,10 +94,12 @@ def _resources(gw: Gateway, follow: Callable[[Gateway], asyncio.Task[None]] | No
         else:
             gw.overrides.state = OverrideState(gw.settings.override_allow,
                                                "initial setting (override.allow)", "config")
-        for key, limit in (await gw.ledger.caps()).items():
-            await gw.budgets.set_limit(key, limit)
+        await apply_caps(gw.budgets, gw.settings.budgets.budget_limits(), await gw.ledger.caps())
         gw.keys.reload(await gw.ledger.keys())
-        await gw.budgets.book()
+        latest = await gw.ledger.latest_ts()
+        if latest is not None:  # a clock stepped back across a restart re-opens nothing
+            gw.budgets.books.observe(latest)
+        await gw.budgets.load_current()
         # Admin changes made on other replicas reach this one (shared stores only).
         feed = follow(gw) if follow is not None else None
         gw.session = aiohttp.ClientSession(

@@ -36,6 +36,7 @@ from gateway.audit_chain import (  # the chain's format (GENESIS re-exported for
     ARCHIVE,
     FILES,
     GENESIS,
+    JSON_EXTRA,
     JSONL,
     SEGMENT_MONTH,
     SEGMENT_START,
@@ -126,7 +127,7 @@ class AuditTrail:
     # -- recording (the request path) ---------------------------------------------------------
     def row(self, kind: str, fields: Mapping[str, Any]) -> AuditRow:
         """The stored form of an event (for admin changes that commit it themselves)."""
-        columns = FILES[kind][2]
+        columns = (*FILES[kind][2], *JSON_EXTRA.get(kind, ()))
         now = _now(self._clock)
         data = {"time": now, **{c: _text(fields.get(c)) for c in columns if c != "time"}}
         return AuditRow(kind, now, orjson.dumps(data).decode())
@@ -252,7 +253,7 @@ class AuditTrail:
         next_month = (month_of(orjson.loads(events[0].data)["time"], self.tz) if events
                       else period_now(self._clock, self.tz))
         if month is not None and files_of(anchor) and next_month > month:
-            await self._rotate(anchor, month)
+            await self._rotate(anchor, month, next_month)
             return True
         if not events:
             return False
@@ -267,12 +268,19 @@ class AuditTrail:
         await self.store.audit_advance(anchor, new, written)
         return True
 
-    async def _rotate(self, anchor: Anchor, month: str) -> None:
-        """Archive the current segment (month ``month``) and start an empty one that
-        continues the chain: same count and head, no file sizes."""
+    async def _rotate(self, anchor: Anchor, month: str, next_month: str) -> None:
+        """Archive the current segment (month ``month``) and start an empty one for
+        ``next_month`` that continues the chain: same count and head, no file sizes.
+
+        The new segment is of ``next_month`` from the start: an event stamped in the archived
+        month that reaches the queue only now (recorded just before midnight, or under a clock
+        stepped back) joins it, instead of giving it the archived month and a second archive
+        of that month."""
         assert self.store is not None
         await asyncio.to_thread(rotate_files, self.dir, month, [JSONL, *files_of(anchor)])
-        new = Anchor(anchor.count, anchor.head, {SEGMENT_START: anchor.count}, anchor.key_id)
+        new = Anchor(anchor.count, anchor.head,
+                     {SEGMENT_START: anchor.count,
+                      SEGMENT_MONTH: int(next_month.replace("-", ""))}, anchor.key_id)
         await self.store.audit_advance(anchor, new, [])
         log.info("audit trail: %s archived to %s/%s/ (%d events so far)", month, ARCHIVE,
                  month, anchor.count)

@@ -40,6 +40,10 @@ FILES = {
                    "usage_source", "reserved_usd", "cost_usd", "overshoot_usd", "scope")),
 }
 
+# Fields an event's JSON line carries beyond its Markdown columns (the tables keep their
+# shape; the window is also named in the reason).
+JSON_EXTRA = {"blocked": ("window", "period"), "warning": ("window",)}
+
 
 def md_cell(value: Any) -> str:
     """Escape a value so it stays one Markdown table cell and renders as text, not HTML."""

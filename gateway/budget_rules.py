@@ -1,23 +1,30 @@
-"""Pure budget arithmetic: scopes, periods, the warn-threshold rule and the admission decision.
+"""Pure budget arithmetic: scopes, limits per window, the warn-threshold rule and admission.
 
 No I/O and no asyncio: both budget implementations (``gateway.budget.BudgetEngine`` in
 memory, ``gateway.store.pg_budgets.SharedBudgets`` in PostgreSQL) and the admin's display
-compose these functions, so each rule is written once. The invariant ``admit`` keeps: for
-every limited scope, ``spent + reserved <= limit`` unless a request was forced through by an
-override.
+compose these functions, so each rule is written once.
+
+The unit of accounting is a *slot*: one scope in one period of one window, keyed
+``(period, scope, id)`` (``gateway.windows``: the period id also names its window). A
+request is reserved in the slot of every limited window of every scope it belongs to, and
+the invariant ``admit`` keeps is per slot: ``spent + reserved <= limit`` unless a request
+was forced through by an override.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.errors import BudgetExceeded, describe_budget
+from gateway.windows import WINDOWS, Span, window_of
 
 ScopeKey = tuple[str, str]
+SlotKey = tuple[str, str, str]  # (period, scope, id)
 GLOBAL: ScopeKey = ("global", "global")
 # The scope kinds and the request field (``gateway.ledger.LedgerEntry``) each one is keyed by;
 # ``scopes_for`` and the SQL ``in_scope_sql`` are both derived from it.
@@ -74,6 +81,78 @@ def in_scope_sql(row: str, key: str) -> str:
     return f"CASE {key}.scope {cases} ELSE false END"
 
 
+Caps = dict[str, int]  # window -> limit in pico-USD
+
+
+class Limits:
+    """The caps of every scope, per window, and the template for end users not listed.
+
+    ``of`` runs for every scope of every request, so it is one dict lookup. A user's caps
+    are their own (``budgets.users``) or, for users not listed, ``budgets.users_default``;
+    changing one window of a user who has no caps of their own starts from that template,
+    and a user whose own caps are all removed falls back to it (never to no cap at all).
+
+    >>> limits = Limits({GLOBAL: {"monthly": 100}}, {"daily": 5})
+    >>> limits.of(GLOBAL), limits.of(("user", "alice")), limits.of(("tenant", "acme"))
+    ({'monthly': 100}, {'daily': 5}, None)
+    >>> limits.set(("user", "alice"), "monthly", 50); limits.of(("user", "alice"))
+    {'daily': 5, 'monthly': 50}
+    """
+
+    __slots__ = ("caps", "user_default")
+
+    def __init__(self, caps: Mapping[ScopeKey, Mapping[str, int]] | None = None,
+                 user_default: Mapping[str, int] | None = None):
+        self.caps: dict[ScopeKey, Caps] = {k: dict(v) for k, v in (caps or {}).items() if v}
+        self.user_default: Caps = dict(user_default or {})
+
+    @classmethod
+    def coerce(cls, value: Limits | Mapping[ScopeKey, Any]) -> Limits:
+        """``Limits`` as is; a plain mapping of scope to a monthly amount or to caps."""
+        if isinstance(value, Limits):
+            return value
+        return cls({k: v if isinstance(v, Mapping) else {"monthly": v}
+                    for k, v in value.items()})
+
+    def of(self, key: ScopeKey) -> Caps | None:
+        """The caps of ``key`` (None: not limited)."""
+        caps = self.caps.get(key)
+        if caps is None and key[0] == "user" and self.user_default:
+            return self.user_default
+        return caps
+
+    def get(self, key: ScopeKey, window: str) -> int | None:
+        caps = self.of(key)
+        return None if caps is None else caps.get(window)
+
+    def set(self, key: ScopeKey, window: str, limit: int | None) -> None:
+        """Add, change or (``None``) remove one window's cap of ``key``."""
+        caps = self.caps.get(key)
+        if caps is None:
+            caps = dict(self.user_default) if key[0] == "user" else {}
+        if limit is None:
+            caps.pop(window, None)
+        else:
+            caps[window] = limit
+        if caps:
+            self.caps[key] = caps
+        else:
+            self.caps.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` has caps of its own (configured names: safe as metric labels)."""
+        return key in self.caps
+
+    def windows(self) -> tuple[str, ...]:
+        """The windows any cap (or the user template) uses, longest first."""
+        used = {w for caps in self.caps.values() for w in caps} | set(self.user_default)
+        return tuple(w for w in WINDOWS if w in used)
+
+    def items(self) -> list[tuple[ScopeKey, str, int]]:
+        """Every explicit cap as (scope key, window, limit)."""
+        return [(k, w, v) for k, caps in self.caps.items() for w, v in caps.items()]
+
+
 @dataclass(frozen=True, slots=True)
 class WarnRule:
     """The one threshold rule: a scope has passed threshold ``t`` once ``spent >= t * limit``.
@@ -128,7 +207,7 @@ class ScopeState:
 
 @dataclass(frozen=True, slots=True)
 class ScopeStatus:
-    """What admins, metrics and headers see of one scope in one period."""
+    """What admins, metrics and headers see of one scope in one period of one window."""
 
     scope: str
     id: str
@@ -136,6 +215,8 @@ class ScopeStatus:
     limit: int
     spent: int
     reserved: int
+    window: str = "monthly"
+    resets_at: datetime | None = None  # when the period ends (UTC)
 
     @property
     def utilization(self) -> Decimal:
@@ -146,7 +227,7 @@ class ScopeStatus:
 
 @dataclass(frozen=True, slots=True)
 class Crossing:
-    """A scope passed a warn threshold in a period (audit-logged once)."""
+    """A scope passed a warn threshold in a period of one of its windows (reported once)."""
 
     scope: str
     id: str
@@ -154,6 +235,10 @@ class Crossing:
     threshold: Decimal
     limit: int
     spent: int
+
+    @property
+    def window(self) -> str:
+        return window_of(self.period)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,23 +253,47 @@ class ClampRequest:
 
 @dataclass(slots=True)
 class Reservation:
+    """``amount`` held in each of ``slots`` until the request settles.
+
+    ``period`` is the calendar month of ``at``, the admission instant: the request's ledger
+    row carries both, so the ledger and the books agree on which period of every window the
+    request counts in.
+    """
+
     period: str
-    scopes: tuple[ScopeKey, ...]
+    slots: tuple[SlotKey, ...]
     amount: int
     forced: bool = False
     clamped_tokens: int | None = None
     settled: bool = False
     # The id a shared store holds it under (its pending ledger row is linked to it).
     hold: str | None = None
+    at: datetime | None = None
+
+    @property
+    def scopes(self) -> tuple[ScopeKey, ...]:
+        """The distinct scopes it is held in (whatever the window)."""
+        return tuple(dict.fromkeys((s[1], s[2]) for s in self.slots))
 
 
 @dataclass(slots=True)
 class PeriodBook:
-    """Spend and reservations of the limited scopes in one month."""
+    """Spend and reservations of the limited scopes in one period of one window.
+
+    ``base`` is every scope's spend in the period as the ledger held it when the book was
+    loaded: a scope that gets a limit later in the period (an end user's first request
+    under ``users_default``) starts from it without another read.
+    """
 
     period: str
     states: dict[ScopeKey, ScopeState] = field(default_factory=dict)
     crossed: set[tuple[ScopeKey, Decimal]] = field(default_factory=set)
+    span: Span | None = None
+    base: Mapping[ScopeKey, int] = field(default_factory=dict)
+
+    @property
+    def window(self) -> str:
+        return window_of(self.period)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,43 +306,45 @@ class Admission:
 
 def admit(
     policy: Admission,
-    book: PeriodBook,
-    scopes: Iterable[ScopeKey],
+    states: Mapping[SlotKey, ScopeState],
     amount: int,
     force: bool = False,
     clamp: ClampRequest | None = None,
+    period: str = "",
+    at: datetime | None = None,
 ) -> Reservation:
-    """Reserve ``amount`` in every limited scope of ``book`` (which it updates), or raise
+    """Reserve ``amount`` in every slot of ``states`` (which it updates), or raise
     ``BudgetExceeded`` naming the tightest one.
 
-    With ``force`` (an override) the reservation is taken even past the limit. With a
-    ``clamp`` request and ``near_cap: clamp``, a request that does not fit is reserved at
-    the largest output bound every scope still affords (at least ``min_output_tokens``).
+    ``states`` are the request's limited slots: every window of every scope it belongs to
+    that has a limit. With ``force`` (an override) the reservation is taken even past the
+    limits. With a ``clamp`` request and ``near_cap: clamp``, a request that does not fit is
+    reserved at the largest output bound every slot still affords (at least
+    ``min_output_tokens``). ``period`` (the month) and ``at`` go on the reservation.
     """
-    limited = tuple(k for k in dict.fromkeys(scopes) if k in book.states)
-    states = [book.states[k] for k in limited]
     clamped: int | None = None
     if not force and states:
-        tightest_key, tightest = min(zip(limited, states, strict=True), key=lambda ks: ks[1].free)
+        tightest_key, tightest = min(states.items(), key=lambda ks: ks[1].free)
         if amount > tightest.free:
             if clamp is None or policy.near_cap != "clamp" or clamp.output_price <= 0:
-                raise exceeded(book.period, tightest_key, tightest, amount)
+                raise exceeded(tightest_key, tightest, amount)
             per_choice = (tightest.free - clamp.prompt_cost) // (
                 clamp.output_price * max(clamp.choices, 1)
             )
             if per_choice < min(policy.min_output_tokens, clamp.requested_tokens):
-                raise exceeded(book.period, tightest_key, tightest, amount)
+                raise exceeded(tightest_key, tightest, amount)
             clamped = min(per_choice, clamp.requested_tokens)
             amount = clamp.prompt_cost + clamped * clamp.output_price * max(clamp.choices, 1)
-    for state in states:
+    for state in states.values():
         state.reserved += amount
-    return Reservation(book.period, limited, amount, force, clamped)
+    return Reservation(period, tuple(states), amount, force, clamped, at=at)
 
 
-def exceeded(period: str, key: ScopeKey, state: ScopeState, amount: int) -> BudgetExceeded:
+def exceeded(slot: SlotKey, state: ScopeState, amount: int) -> BudgetExceeded:
     return BudgetExceeded(
-        scope=key[0], scope_id=key[1], period=period, limit=state.limit,
+        scope=slot[1], scope_id=slot[2], period=slot[0], limit=state.limit,
         spent=state.spent, reserved=state.reserved, estimate=amount,
+        window=window_of(slot[0]),
     )
 
 

@@ -49,9 +49,12 @@ BUDGETS: dict[str, Any] = {
     "timezone": "UTC", "warn_at": ["0.5", "0.8"], "near_cap": "clamp",
     "global": {"monthly_usd": "5"},
     "tenants": {"acme": {"monthly_usd": "2"}, "globex": {"monthly_usd": "3"}},
-    "agents": {"research": {"monthly_usd": "2.5"}},
+    "agents": {"research": {"monthly_usd": "2.5", "daily_usd": "1", "hourly_usd": "0.4"}},
     "campaigns": {"spring-launch": {"monthly_usd": "0.5"}, "market-scan": {"monthly_usd": "0.01"}},
+    # every end user (X-Costwall-User) of the simulated agents gets these
+    "users_default": {"daily_usd": "0.3"},
 }
+USERS = [f"user-{i}" for i in range(1, 7)]
 
 
 def default_demo_dir(env: Mapping[str, str]) -> Path:
@@ -101,12 +104,20 @@ def _secrets(directory: Path) -> dict[str, Any]:
     return stored
 
 
+def _windows(spec: Mapping[str, str]) -> str:
+    """``$2.5 a month, $1 a day`` for a cap entry."""
+    per = {"monthly_usd": "a month", "weekly_usd": "a week", "daily_usd": "a day",
+           "hourly_usd": "an hour"}
+    return ", ".join(f"${spec[k]} {v}" for k, v in per.items() if k in spec)
+
+
 def _caps() -> list[str]:
     """The demo's budgets, one line per scope, for the banner."""
-    lines = [f"global ${BUDGETS['global']['monthly_usd']}"]
+    lines = [f"global {_windows(BUDGETS['global'])}"]
     for section in ("tenants", "agents", "campaigns"):
         for ident, spec in BUDGETS[section].items():
-            lines.append(f"{section[:-1]} {ident} ${spec['monthly_usd']}")
+            lines.append(f"{section[:-1]} {ident} {_windows(spec)}")
+    lines.append(f"every end user {_windows(BUDGETS['users_default'])}")
     return lines
 
 
@@ -121,7 +132,8 @@ async def simulated_agent(base: str, key: str, models: list[str], campaigns: lis
                     "messages": [{"role": "user", "content": rng.choice(PROMPTS)}]}
             headers = {"Authorization": f"Bearer {key}",
                        "X-Costwall-Campaign": rng.choice(campaigns),
-                       "X-Costwall-Task": f"task-{rng.randint(1, 40)}"}
+                       "X-Costwall-Task": f"task-{rng.randint(1, 40)}",
+                       "X-Costwall-User": rng.choice(USERS)}
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.post(f"{base}/v1/chat/completions", json=body,
                                         headers=headers) as resp:

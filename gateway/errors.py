@@ -6,6 +6,7 @@ Raised anywhere on the request path and turned into a response by one middleware
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -98,9 +99,11 @@ class ServiceUnavailable(GatewayError):
 
 
 class BudgetExceeded(GatewayError):
-    """402: the request's upper-bound cost does not fit a scope's monthly budget.
+    """402: the request's upper-bound cost does not fit a window of a scope's budget.
 
     Never 429 or 5xx: the OpenAI SDK retries those, and a fleet would hammer the gateway.
+    ``resets_at`` (when the refusing window's period ends) is filled in by the budget
+    engine, which knows the time zone.
     """
 
     status = 402
@@ -109,10 +112,11 @@ class BudgetExceeded(GatewayError):
 
     def __init__(
         self, *, scope: str, scope_id: str, period: str, limit: int, spent: int, reserved: int,
-        estimate: int,
+        estimate: int, window: str = "monthly", resets_at: datetime | None = None,
     ):
         self.scope, self.scope_id, self.period = scope, scope_id, period
         self.limit, self.spent, self.reserved, self.estimate = limit, spent, reserved, estimate
+        self.window, self.resets_at = window, resets_at
         super().__init__(describe_budget(self))
 
     def body(self) -> dict[str, Any]:
@@ -123,7 +127,9 @@ class BudgetExceeded(GatewayError):
             "period": self.period,
             "limit_usd": format_usd(self.limit),
             "spent_usd": format_usd(self.spent),
-        }  # exactly SPEC's five fields; reserved and the estimate are in the message
+            "window": self.window,
+            "resets_at": iso_utc(self.resets_at) if self.resets_at is not None else None,
+        }  # SPEC's fields; reserved and the estimate are in the message
         # Repeated inside ``error``: the OpenAI SDK hands its users only the error object
         # (``APIStatusError.body``), so the top-level copy is out of their reach.
         body["error"]["budget"] = body["budget"]
@@ -161,10 +167,16 @@ class UpstreamAuthFailed(GatewayError):
     code = "upstream_auth_failed"
 
 
+def iso_utc(moment: datetime) -> str:
+    """``2026-11-29T15:00:00Z``: ISO 8601 in UTC, as the 402 body and the admin API give it."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def describe_budget(exc: BudgetExceeded) -> str:
     """One sentence for the 402 message and the blocked-executions log."""
+    where = exc.period if exc.window == "monthly" else f"the {exc.window} window {exc.period}"
     return (
-        f"Budget exceeded for {exc.scope} '{exc.scope_id}' in {exc.period}: limit "
+        f"Budget exceeded for {exc.scope} '{exc.scope_id}' in {where}: limit "
         f"${format_usd(exc.limit)}, spent ${format_usd(exc.spent)}, reserved "
         f"${format_usd(exc.reserved)}; this request needs up to ${format_usd(exc.estimate)}."
     )

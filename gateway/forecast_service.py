@@ -242,7 +242,8 @@ def setup_forecast(gw: Any) -> Callable[[Any], Any]:
     """Create the service, export its gauge, and return the ``cleanup_ctx`` that refreshes
     it at start and every ``TTL_S`` seconds (so a scrape only reads the cache)."""
     service = ForecastService(
-        gw.ledger, lambda: {k: v for k, v in gw.budgets.limits.items() if v is not None},
+        gw.ledger, lambda: {k: caps["monthly"] for k, caps in gw.budgets.limits.caps.items()
+                            if "monthly" in caps},
         gw.clock, gw.budgets.current_period)
     gw.extras[FORECASTS] = service
     if gw.alerts is not None:

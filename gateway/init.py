@@ -44,13 +44,14 @@ admin:
   finance_token_env: COSTWALL_FINANCE_TOKEN      # read-only: dashboards, logs, invoices
 
 budgets:
-  timezone: UTC                                  # calendar month boundaries
+  timezone: UTC                                  # calendar boundaries (hour, day, week, month)
   warn_at: [0.8]                                 # soft warning thresholds (fractions)
   near_cap: reject                               # or clamp (shrink max_tokens to fit)
   global: {{monthly_usd: "100"}}                 # MAX_MONTHLY_BUDGET
   tenants: {{my-team: {{monthly_usd: "50"}}}}
-  # agents:    {{research: {{monthly_usd: "20"}}}}
+  # agents:    {{research: {{monthly_usd: "20", daily_usd: "2", hourly_usd: "0.5"}}}}
   # campaigns: {{launch: {{monthly_usd: "5"}}}}
+  # users_default: {{daily_usd: "1"}}            # every end user (X-Costwall-User)
 
 override:
   allow: false                                   # ALLOW_BUDGET_OVERRIDE

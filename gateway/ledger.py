@@ -6,6 +6,7 @@ Plain data shared by both backends and their callers; the interfaces that store 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -15,7 +16,11 @@ from gateway.budget import ScopeKey, scopes_for
 # invalid: the upstream reported a usage that cannot be real (gateway.usage); the request
 # was charged by counting, or at its reserved bound when there was nothing to count.
 USAGE_SOURCES = ("upstream", "counted", "reserved", "none", "invalid")
-GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task", "state")
+# Usage report groups and the ledger column each one reads ("day" is computed from ``ts``).
+GROUP_COLUMNS = {"tenant": "tenant", "agent": "agent", "campaign": "campaign", "model": "model",
+                 "day": "ts", "key_name": "key_name", "task": "task", "state": "state",
+                 "user": "end_user"}
+GROUP_BY = tuple(GROUP_COLUMNS)
 
 
 @dataclass(slots=True)
@@ -92,24 +97,35 @@ class UsageRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def fold_spend(rows: list[tuple[str, str, str | None, str, int]]) -> dict[ScopeKey, int]:
-    """Turn (tenant, agent, campaign, key_name, cost) group sums into per-scope spend."""
+def fold_spend(rows: list[tuple[str, str, str | None, str, str | None, int]]
+               ) -> dict[ScopeKey, int]:
+    """Turn (tenant, agent, campaign, key_name, end_user, cost) group sums into per-scope
+    spend."""
     spend: dict[ScopeKey, int] = {}
-    for tenant, agent, campaign, key_name, cost in rows:
+    for tenant, agent, campaign, key_name, user, cost in rows:
         cost = int(cost or 0)
-        for key in scopes_for(tenant, agent, campaign, key_name):
+        for key in scopes_for(tenant, agent, campaign, key_name, user):
             spend[key] = spend.get(key, 0) + cost
     return spend
 
 
 def fold_overshoot(
-    rows: list[tuple[str, str, str | None, str, int, int]]
+    rows: list[tuple[str, str, str | None, str, str | None, int, int]]
 ) -> dict[ScopeKey, tuple[int, int]]:
-    """Turn (tenant, agent, campaign, key_name, overshoot, count) groups into per-scope
-    (overshoot, count), as ``fold_spend`` does for spend."""
+    """Turn (tenant, agent, campaign, key_name, end_user, overshoot, count) groups into
+    per-scope (overshoot, count), as ``fold_spend`` does for spend."""
     found: dict[ScopeKey, tuple[int, int]] = {}
-    for tenant, agent, campaign, key_name, amount, count in rows:
-        for key in scopes_for(tenant, agent, campaign, key_name):
+    for tenant, agent, campaign, key_name, user, amount, count in rows:
+        for key in scopes_for(tenant, agent, campaign, key_name, user):
             total, n = found.get(key, (0, 0))
             found[key] = (total + int(amount or 0), n + int(count or 0))
     return found
+
+
+def fold_caps(rows: Iterable[tuple[str, str, str, int | None]]
+              ) -> dict[ScopeKey, dict[str, int | None]]:
+    """(scope, id, window, limit) rows of admin caps, by scope (None: a cap removed)."""
+    caps: dict[ScopeKey, dict[str, int | None]] = {}
+    for scope, ident, window, limit in rows:
+        caps.setdefault((scope, ident), {})[window] = None if limit is None else int(limit)
+    return caps

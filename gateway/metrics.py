@@ -70,15 +70,18 @@ class BudgetView:
                 return
             try:
                 async with asyncio.timeout(self.timeout):
-                    await self.budgets.book(self.budgets.current_period())
+                    await self.budgets.load_current()
             except Exception as exc:
                 log.warning("budget gauges: could not load this month's budgets (%s)",
                             type(exc).__name__)
             self._refreshed = time.monotonic()
 
     def rows(self) -> list[ScopeStatus]:
-        """One status per limited scope of the current month (configured scopes only)."""
-        return self.budgets.status(self.budgets.current_period())
+        """One status per limited scope in the current period of each of its windows.
+
+        End users are left out: their ids are unbounded and never become labels (their
+        windows are on the admin pages and in ``GET /admin/api/budget``)."""
+        return [s for s in self.budgets.status() if s.scope != "user"]
 
 
 class BudgetCollector(Collector):
@@ -88,18 +91,21 @@ class BudgetCollector(Collector):
         self._status = status
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        limit = GaugeMetricFamily("costwall_budget_limit_usd", "Monthly budget limit (USD).",
-                                  labels=["scope", "id"])
+        names = ["scope", "id", "window"]
+        limit = GaugeMetricFamily("costwall_budget_limit_usd",
+                                  "Budget limit of the window's current period (USD).",
+                                  labels=names)
         spent = GaugeMetricFamily("costwall_budget_spent_usd",
-                                  "Spend recorded this month (USD).", labels=["scope", "id"])
+                                  "Spend recorded in the window's current period (USD).",
+                                  labels=names)
         reserved = GaugeMetricFamily("costwall_budget_reserved_usd",
                                      "Upper bound reserved by requests in flight (USD).",
-                                     labels=["scope", "id"])
+                                     labels=names)
         ratio = GaugeMetricFamily("costwall_budget_utilization_ratio",
-                                  "Spent / limit this month (0..1, above 1 after overrides).",
-                                  labels=["scope", "id"])
+                                  "Spent / limit in the window's current period (0..1, above 1 "
+                                  "after overrides).", labels=names)
         for s in self._status():
-            labels = [s.scope, s.id]
+            labels = [s.scope, s.id, s.window]
             limit.add_metric(labels, float(to_usd(s.limit)))
             spent.add_metric(labels, float(to_usd(s.spent)))
             reserved.add_metric(labels, float(to_usd(s.reserved)))

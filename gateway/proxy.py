@@ -158,8 +158,11 @@ async def record_pending(gw: Gateway, call: Call) -> None:
     """The pending ledger row, written before forwarding: a request the ledger cannot record
     is not forwarded (503)."""
     assert call.reservation is not None
+    # The admission instant: the ledger and the budget books agree on the period of every
+    # window the request counts in (a ledger read of a window finds it there).
+    at = call.reservation.at or gw.clock()
     call.entry = LedgerEntry(
-        id=call.id, ts=gw.clock(), period=call.reservation.period, tenant=call.key.tenant,
+        id=call.id, ts=at, period=call.reservation.period, tenant=call.key.tenant,
         key_name=call.key.name, agent=call.agent, campaign=call.campaign, task=call.task,
         model=call.model, endpoint=call.route.name, stream=call.stream,
         reserved=call.reservation.amount, override=call.override_reason is not None,

@@ -100,14 +100,19 @@ class Gateway:
     # -- what happened to a request -----------------------------------------------------------
     def record_blocked(self, call: Call, exc: BudgetExceeded) -> None:
         self.metrics.child(self.metrics.requests, "blocked", call.price.name).inc()
-        self.audit.record("blocked", self._execution(call, exc.scope, exc.scope_id, exc.limit,
-                                                     exc.spent, exc.estimate, exc.message))
+        # The Markdown table keeps its columns (the reason names the window); the JSON event
+        # also carries it.
+        self.audit.record("blocked", {
+            **self._execution(call, exc.scope, exc.scope_id, exc.limit, exc.spent,
+                              exc.estimate, exc.message),
+            "window": exc.window, "period": exc.period})
         if self.alerts is not None and self.alerts.enabled and exc.scope:
-            # Once per scope and period: the id is the same for every later refusal.
-            period = self.budgets.current_period()
+            # Once per scope and period of a window: the id is the same for every later
+            # refusal (the period id names its window).
+            period = exc.period
             self.alerts.emit("budget.exhausted", event_id(
                 "budget.exhausted", exc.scope, exc.scope_id, period), {
-                    "scope": exc.scope, "id": exc.scope_id, "window": "monthly",
+                    "scope": exc.scope, "id": exc.scope_id, "window": exc.window,
                     "period": period,
                     "limit_usd": format_usd(exc.limit) if exc.limit is not None else None,
                     "spent_usd": format_usd(exc.spent) if exc.spent is not None else None})
@@ -159,7 +164,7 @@ class Gateway:
         billed past the admission bound. Audit event, log line and, per capped scope of
         the request, ``costwall_budget_overshoot_usd_total``."""
         scopes = call.reservation.scopes if call.reservation else ()
-        capped = [k for k in scopes if k in self.budgets.limits]
+        capped = [k for k in scopes if self.budgets.limits.of(k)]
         usd = overshoot / PICO_PER_USD
         for scope in dict.fromkeys(s for s, _ in capped):
             self.metrics.child(self.metrics.overshoot, scope).inc(usd)
@@ -180,15 +185,18 @@ class Gateway:
         the database has confirmed that this replica is the one to report a crossing.
         """
         for c in crossings:
-            self.metrics.child(self.metrics.warnings, c.scope, c.id).inc()
+            # End user ids never become metric labels (unbounded): their crossings are
+            # counted under the id "user".
+            ident = "user" if c.scope == "user" else c.id
+            self.metrics.child(self.metrics.warnings, c.scope, ident).inc()
             self.audit.record("warning", {
-                "scope": c.scope, "id": c.id, "period": c.period,
+                "scope": c.scope, "id": c.id, "window": c.window, "period": c.period,
                 "threshold": f"{int(c.threshold * 100)}%", "limit_usd": format_usd(c.limit),
                 "spent_usd": format_usd(c.spent)})
             if self.alerts is not None and self.alerts.enabled:
                 self.alerts.emit("budget.threshold", event_id(
                     "budget.threshold", c.scope, c.id, c.period, c.threshold), {
-                        "scope": c.scope, "id": c.id, "window": "monthly", "period": c.period,
+                        "scope": c.scope, "id": c.id, "window": c.window, "period": c.period,
                         "limit_usd": format_usd(c.limit), "spent_usd": format_usd(c.spent),
                         "threshold": str(c.threshold)})
 

@@ -250,7 +250,7 @@ def test_cap_changes_apply_to_the_next_request_and_survive_a_restart(admin_stack
     assert event["action"] == "cap.set" and event["target"] == "tenant:acme"
     assert event["actor"] == "admin (api, 127.0.0.1)" and event["reason"] == "freeze acme"
     assert event["detail"] == "monthly_usd 50 → 0.000001"
-    assert s.call(lambda gw: gw.ledger.caps())[("tenant", "acme")] == 1_000_000
+    assert s.call(lambda gw: gw.ledger.caps())[("tenant", "acme")] == {"monthly": 1_000_000}
 
     s.restart()
     with pytest.raises(openai.APIStatusError) as again:
@@ -259,7 +259,7 @@ def test_cap_changes_apply_to_the_next_request_and_survive_a_restart(admin_stack
     # a JSON number is read exactly (12.5 is Decimal("12.5"), not a binary float)
     raised = api(s, "PUT", "budgets/tenant/acme", raw=b'{"monthly_usd": 12.5}')
     assert raised.status == 200 and raised.json()["limit_usd"] == "12.5"
-    assert s.gw.budgets.limits[("tenant", "acme")] == 12_500_000_000_000
+    assert s.gw.budgets.limits.get(("tenant", "acme"), "monthly") == 12_500_000_000_000
     assert chat(s).usage.total_tokens > 0
     # a new scope id gets a cap too, counted from the spend it already has
     campaign = api(s, "PUT", "budgets/campaign/spring-2027", body={"monthly_usd": 3})
@@ -309,7 +309,7 @@ def test_bad_caps_are_400_and_change_nothing(admin_stack: Stack, body: Any,
     resp = api(admin_stack, "PUT", "budgets/tenant/acme", body=body, raw=raw)
     assert resp.status == 400, resp.body
     assert error_of(resp)["type"] == "invalid_request_error"
-    assert admin_stack.gw.budgets.limits[("tenant", "acme")] == to_pico("50")
+    assert admin_stack.gw.budgets.limits.get(("tenant", "acme"), "monthly") == to_pico("50")
     assert admin_events(admin_stack) == []
 
 
@@ -330,7 +330,7 @@ def test_bad_scopes_and_roles_on_caps(admin_stack: Stack) -> None:
         denied = api(s, method, path, token=FINANCE_TOKEN, body=body)
         assert denied.status == 403, (method, path)
         assert error_of(denied)["type"] == "permission_error"
-    assert s.gw.budgets.limits[("tenant", "acme")] == to_pico("50")
+    assert s.gw.budgets.limits.get(("tenant", "acme"), "monthly") == to_pico("50")
     assert not s.gw.overrides.state.enabled
     assert [e["action"] for e in admin_events(s)] == ["cap.set"]
 
@@ -573,7 +573,7 @@ def test_finance_session_reads_but_cannot_write(admin_stack: Stack) -> None:
         denied = b.post(path, {**form, "csrf": token})
         assert denied.status == 403, path
         assert b"read-only" in denied.body
-    assert s.gw.budgets.limits[("tenant", "acme")] == to_pico("50")
+    assert s.gw.budgets.limits.get(("tenant", "acme"), "monthly") == to_pico("50")
     assert admin_events(s) == []
 
 
@@ -591,11 +591,11 @@ def test_cap_form_validates_and_applies(admin_stack: Stack) -> None:
     bad_scope = b.post("/admin/budget/caps", {"scope": "planet", "id": "x",
                                               "monthly_usd": "5", "csrf": token})
     assert bad_scope.status == 400 and b"Unknown scope" in bad_scope.body
-    assert s.gw.budgets.limits[("tenant", "acme")] == to_pico("50")
+    assert s.gw.budgets.limits.get(("tenant", "acme"), "monthly") == to_pico("50")
     saved = b.post("/admin/budget/caps", {"scope": "campaign", "id": XSS,
                                           "monthly_usd": "$1,250.75", "csrf": token})
     assert saved.status == 303
-    assert s.gw.budgets.limits[("campaign", XSS)] == to_pico("1250.75")
+    assert s.gw.budgets.limits.get(("campaign", XSS), "monthly") == to_pico("1250.75")
     page = b.get("/admin/budget").body.decode()
     assert XSS not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     removed = b.post("/admin/budget/caps/remove", {"scope": "campaign", "id": XSS,

@@ -180,6 +180,45 @@ def test_edit_a_cap_and_it_holds_on_the_next_request(ui: UI) -> None:
     page.context.close()
 
 
+def test_daily_and_hourly_caps_are_edited_and_shown_per_window(ui: UI) -> None:
+    """A scope's row edits all its windows; each window gets its own bar, on the budget
+    page and the dashboard; emptying a field removes that window. Effects are checked on the
+    next request through the SDK."""
+    page = ui.page()
+    page.goto(f"{ui.stack.url}/admin/budget")
+    form = page.locator("#add-cap form")
+    form.locator('select[name="scope"]').select_option("agent")
+    form.locator('input[name="id"]').fill("research")
+    form.locator('input[name="daily_usd"]').fill("0.000001")
+    form.locator('input[name="hourly_usd"]').fill("3")
+    form.locator("button[type=submit]").click()
+    assert "$0.000001 a day, $3 an hour" in page.locator(".flash").inner_text()
+    row = page.locator('tr[data-scope="agent:research"]')
+    assert row.locator(".window-use").count() == 2
+    assert row.locator('.window-use[data-window="hourly"] .pct').inner_text() == "0.0%"
+    assert row.locator('input[name="monthly_usd"]').input_value() == ""
+    with pytest.raises(openai.APIStatusError) as blocked:
+        ui.chat("globex-research")
+    assert blocked.value.status_code == 402
+    assert blocked.value.response.json()["budget"]["window"] == "daily"
+    page.goto(f"{ui.stack.url}/admin")
+    assert page.locator('tr[data-scope="agent:research"]').count() == 2
+    assert page.locator('tr[data-scope="agent:research"][data-window="daily"] .window-tag'
+                        ).inner_text() == "daily"
+    page.goto(f"{ui.stack.url}/admin/budget")
+    row = page.locator('tr[data-scope="agent:research"]')
+    row.locator('input[name="daily_usd"]').fill("")
+    row.locator("button", has_text="Save").click()
+    page.locator(".flash").wait_for()
+    assert page.locator('tr[data-scope="agent:research"] .window-use').count() == 1
+    assert ui.stack.gw.budgets.limits.of(("agent", "research")) == {"hourly": to_pico(3)}
+    assert ui.chat("globex-research").usage.total_tokens > 0
+    page.locator('tr[data-scope="agent:research"] button', has_text="Remove").click()
+    page.locator(".flash").wait_for()
+    assert page.locator('tr[data-scope="agent:research"]').count() == 0
+    page.context.close()
+
+
 def test_create_use_and_revoke_a_key(ui: UI) -> None:
     page = ui.page()
     page.goto(f"{ui.stack.url}/admin/keys")

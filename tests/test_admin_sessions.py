@@ -86,7 +86,7 @@ def test_a_login_on_one_replica_works_on_the_other(replicas: tuple[Stack, Stack]
     saved = on_b.post("/admin/budget/caps", {"scope": "tenant", "id": "acme",
                                              "monthly_usd": "12.5", "csrf": token})
     assert saved.status == 303, saved.body
-    assert b.gw.budgets.limits[("tenant", "acme")] == to_pico("12.5")
+    assert b.gw.budgets.limits.get(("tenant", "acme"), "monthly") == to_pico("12.5")
     assert "costwall_flash" in on_b.cookies  # the message travels with the browser ...
     shown = on_a.get("/admin/budget")  # ... so replica A shows what B confirmed, once
     assert b"Cap for tenant &#39;acme&#39; set to $12.5" in shown.body

@@ -306,10 +306,10 @@ def trigger(stack: Stack, table: str, event: str = "INSERT") -> Callable[[], Non
 def caps_rows(stack: Stack) -> list[tuple[str, str, int | None]]:
     db = Path(stack.settings.database.removeprefix("sqlite:///"))
     with sqlite3.connect(db) as conn:
-        return list(conn.execute("SELECT scope, id, monthly FROM budget_caps"))
+        return list(conn.execute("SELECT scope, id, amount FROM budget_windows"))
 
 
-@pytest.mark.parametrize("failing", ["audit_events", "budget_caps"])
+@pytest.mark.parametrize("failing", ["audit_events", "budget_windows"])
 def test_admin_change_and_its_record_commit_together(tmp_path: Path, failing: str) -> None:
     stack = Stack(tmp_path)
     try:

@@ -185,3 +185,32 @@ def test_a_rotation_cut_short_by_a_crash_finishes_and_never_overwrites(tmp_path:
     with pytest.raises(AuditTampered):
         rotate_files(tmp_path, "2026-10", ["events.jsonl"])
     assert (target / "events.jsonl").read_text() == "events.jsonl"
+
+
+def test_an_event_stamped_in_the_archived_month_joins_the_new_segment(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rotated at midnight, then an event stamped a moment before it reaches the queue (or a
+    clock steps back): it joins the new month's segment instead of starting a second
+    segment of the archived month, whose rotation would then find the archive taken."""
+    clock = Clock(datetime(2026, 10, 31, 23, 59, tzinfo=UTC))
+    stack = Stack(tmp_path, clock=clock, budgets={"global": {"monthly_usd": "0"}})
+    try:
+        blocked(stack, 1)
+        stack.flush()
+        clock.now = datetime(2026, 11, 1, 0, 0, 1, tzinfo=UTC)
+        stack.flush()  # no event pending: the writer rotates into November
+        budget = tmp_path / "logs" / "budget"
+        assert (budget / "archive" / "2026-10" / "events.jsonl").exists()
+        clock.now = datetime(2026, 10, 31, 23, 59, 59, tzinfo=UTC)  # a late October event
+        blocked(stack, 1)
+        clock.now = datetime(2026, 11, 2, tzinfo=UTC)
+        blocked(stack, 1)
+        stack.flush()
+        assert stack.gw.audit.error is None
+        assert len(list(stack.gw.audit.events("blocked"))) == 3
+        assert [e["n"] for e in map(orjson.loads, (budget / "events.jsonl").open("rb"))] \
+            == [2, 3]
+    finally:
+        stack.close()
+    code, out = check(tmp_path / "costwall.yaml", capsys)
+    assert code == 0, out

@@ -37,6 +37,7 @@ import yaml
 from aiohttp import web
 
 from gateway.audit import GENESIS, AuditTrail, verify_chain
+from gateway.budget import month_after
 from gateway.config import PACKAGED_PRICING, load_settings
 from gateway.money import format_usd, to_pico
 from tests.harness import (
@@ -131,7 +132,7 @@ override: {allow: false}
     assert settings.upstream_url == "http://env.example:9/v1"
     assert settings.database == "sqlite:///env.db"
     assert (settings.logs_dir, settings.reports_dir) == (Path("env-logs"), Path("env-reports"))
-    assert settings.budgets.limits[("global", "global")] == to_pico("12.5")
+    assert settings.budgets.limits[("global", "global")]["monthly"] == to_pico("12.5")
     assert settings.override_allow is True
     assert (settings.upstream_key, settings.admin_token, settings.finance_token) == (
         "sk-up", "a" * 16, "f" * 16)
@@ -203,9 +204,11 @@ def test_402_body_names_exactly_the_contract_fields(tmp_path: Path) -> None:
         assert set(body) == {"error", "budget"}
         assert set(body["error"]) == {"message", "type", "param", "code", "budget"}
         assert body["error"]["type"] == body["error"]["code"] == "budget_exceeded"
-        assert body["budget"] == {"scope": "tenant", "id": "acme",
-                                  "period": stack.gw.budgets.current_period(),
-                                  "limit_usd": "0.000001", "spent_usd": "0"}
+        month = stack.gw.budgets.current_period()
+        after = month_after(month)
+        assert body["budget"] == {"scope": "tenant", "id": "acme", "period": month,
+                                  "limit_usd": "0.000001", "spent_usd": "0",
+                                  "window": "monthly", "resets_at": f"{after}-01T00:00:00Z"}
         assert body["error"]["budget"] == body["budget"]  # what the SDK hands its users
         message = body["error"]["message"]
         assert "tenant 'acme'" in message and "$0.000001" in message and "spent $0" in message
@@ -398,9 +401,10 @@ def test_metric_families_carry_exactly_the_contract_labels(stack: Stack) -> None
         "costwall_requests_total": {"outcome", "model"},
         "costwall_spend_usd_total": {"tenant", "agent", "model"},
         "costwall_tokens_total": {"model", "kind"},
-        "costwall_budget_limit_usd": {"scope", "id"},
-        "costwall_budget_spent_usd": {"scope", "id"},
-        "costwall_budget_utilization_ratio": {"scope", "id"},
+        # SPEC's labels plus the budget window (Contract additions: "Budget windows")
+        "costwall_budget_limit_usd": {"scope", "id", "window"},
+        "costwall_budget_spent_usd": {"scope", "id", "window"},
+        "costwall_budget_utilization_ratio": {"scope", "id", "window"},
         "costwall_request_duration_seconds_bucket": {"endpoint"},
         "costwall_upstream_duration_seconds_bucket": {"endpoint"},
     }
@@ -514,7 +518,7 @@ def test_every_admin_route_needs_credentials(tmp_path: Path) -> None:
                 assert b"acme" not in body and b"limit_usd" not in body, (method, path)
         stack.flush()
         assert list(stack.gw.audit.events()) == []
-        assert stack.gw.budgets.limits[("tenant", "acme")] == to_pico("7")
+        assert stack.gw.budgets.limits.get(("tenant", "acme"), "monthly") == to_pico("7")
         # a wrong bearer token is refused too (and soon rate limited), never served
         for method, path in [r for r in routes if r[1] != "/admin/login"][:8]:
             resp = stack.request(method, path, headers={"Authorization": "Bearer " + "z" * 24})
@@ -586,7 +590,7 @@ def test_every_state_changing_form_needs_its_csrf_token(tmp_path: Path) -> None:
         stack.flush()
         assert list(stack.gw.audit.events()) == []
         assert not stack.gw.overrides.state.enabled
-        assert stack.gw.budgets.limits[("tenant", "acme")] == to_pico("7")
+        assert stack.gw.budgets.limits.get(("tenant", "acme"), "monthly") == to_pico("7")
         assert not (stack.settings.reports_dir / "invoices").exists()
         assert browser.get("/admin").status == 200  # logout without a token did not log out
     finally:
@@ -723,7 +727,8 @@ def test_fake_upstream_serve_and_demo_start_answer_and_stop(tmp_path: Path) -> N
             time.sleep(0.3)
         assert usage["requests"] >= 3 and Decimal(usage["total_usd"]) > 0
         assert ALLOWED.search(metrics)
-        assert 'costwall_budget_limit_usd{id="acme",scope="tenant"} 2.0' in metrics
+        assert ('costwall_budget_limit_usd{id="acme",scope="tenant",window="monthly"} 2.0'
+                in metrics)
     finally:
         code, out = stop(demo)
     assert code == 0 and "Traceback" not in out, out

@@ -236,13 +236,14 @@ def test_config_env_wins_and_money_stays_exact(tmp_path: Path) -> None:
     settings, warnings = load_settings(path, {"MAX_MONTHLY_BUDGET": "12.34",
                                               "ALLOW_BUDGET_OVERRIDE": "true",
                                               "COSTWALL_DB": "sqlite:///x.db"})
-    assert settings.budgets.limits[("global", "global")] == to_pico("12.34")
-    assert settings.budgets.limits[("tenant", "t")] == to_pico(3)
+    assert settings.budgets.limits[("global", "global")]["monthly"] == to_pico("12.34")
+    assert settings.budgets.limits[("tenant", "t")]["monthly"] == to_pico(3)
     assert settings.override_allow and settings.database == "sqlite:///x.db"
     assert settings.keys[0].key_sha256 == hash_key("sk-cw-x")
     assert any("OPENAI_API_KEY" in w for w in warnings)
     settings, _ = load_settings(path, {})
-    assert settings.budgets.limits[("global", "global")] == to_pico("0.1")  # YAML 0.1 exact
+    # YAML 0.1 is read exactly
+    assert settings.budgets.limits[("global", "global")]["monthly"] == to_pico("0.1")
 
 
 def test_check_command(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def test_agent_header_cannot_leave_a_capped_agent_scope(make_stack: Any) -> None
     rows = stack.rows()
     spent = sum(r.cost for r in rows)
     assert rows and all(r.agent == "content" for r in rows)
-    assert spent <= stack.gw.budgets.limits[("agent", "content")]
+    assert spent <= stack.gw.budgets.limits.get(("agent", "content"), "monthly")
     # A key whose list names another agent type may use it (and only that one).
     other = stack.client("globex-research")
     other.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5,

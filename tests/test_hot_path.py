@@ -15,6 +15,7 @@ from gateway.budget import BudgetEngine, PeriodBook, Reservation, ScopeState
 from gateway.config import ConfigError, load_settings
 from gateway.headers import REDACTED, client_response_headers, upstream_request_headers
 from gateway.money import _format_usd_decimal, format_usd
+from gateway.windows import Span
 
 
 def test_format_usd_matches_decimal_on_edges_and_random_values() -> None:
@@ -71,22 +72,22 @@ def test_header_filters_match_the_two_pass_originals() -> None:
 
 
 def test_warnings_and_crossings_compare_exactly_at_the_threshold() -> None:
-    async def no_spend(period: str) -> dict:
+    async def no_spend(span: Span) -> dict:
         return {}
 
     engine = BudgetEngine({("global", "global"): 1000}, ZoneInfo("UTC"),
                           [Decimal("0.8"), Decimal("0.5")], no_spend)
-    book = engine._books["p"] = PeriodBook("p")
+    book = engine._books["2026-11"] = PeriodBook("2026-11")
     book.states[("global", "global")] = ScopeState(1000)
-    r = Reservation("p", (("global", "global"),), 499)
+    r = Reservation("2026-11", (("2026-11", "global", "global"),), 499)
     book.states[("global", "global")].reserved = 499
     assert engine.settle(r, 499) == [] and engine.warnings(r) == []
-    r = Reservation("p", (("global", "global"),), 1)
+    r = Reservation("2026-11", (("2026-11", "global", "global"),), 1)
     book.states[("global", "global")].reserved = 1
     [half] = engine.settle(r, 1)  # 500 of 1000: exactly 50 %
     assert (half.threshold, half.spent, engine.warnings(r)) == (Decimal("0.5"), 500,
                                                                 ["global:global 50%"])
-    r = Reservation("p", (("global", "global"),), 700)
+    r = Reservation("2026-11", (("2026-11", "global", "global"),), 700)
     book.states[("global", "global")].reserved = 700
     crossed = engine.settle(r, 700)  # 1200: past 80 % (50 % already reported)
     assert [c.threshold for c in crossed] == [Decimal("0.8")]

@@ -110,20 +110,18 @@ keys:
     for expected in [
             "rate_limits.global.rpm: must be a positive whole number, got 0 (leave it out for "
             "no limit)",
-            "budgets.agents.research.weekly_usd: not supported by this version of costwall yet",
-            "budgets.users_default: not supported by this version of costwall yet",
             "invoices.email_to: expected a list of e-mail addresses",
             'budgets.tenants.acme.monthly_usd: expected an amount in USD such as 200 or "12.50",'
             " got nothing",
-            "budgets.tenants.beta: needs monthly_usd (the cap in USD per calendar month, "
-            "e.g. monthly_usd: 200)",
+            "budgets.tenants.beta: needs at least one of monthly_usd, weekly_usd, daily_usd, "
+            "hourly_usd (e.g. monthly_usd: 200)",
             "keys[0].tenant: required (the tenant this key's spending is billed to)",
             "keys[1].name: required (a name for this key)"]:
         assert expected in problems, (expected, problems)
     assert any(p.startswith("budgets.tenants.gamma.monthly_usd: expected an amount")
                for p in problems)
     assert any(p.startswith("keys[1].agents: expected a list of agent types") for p in problems)
-    assert len(problems) == 10, problems
+    assert len(problems) == 8, problems
 
 
 def test_a_valid_config_with_every_key_entry_field_loads(tmp_path: Path) -> None:

@@ -225,11 +225,16 @@ async def test_settings_and_caps(backend: Backend) -> None:
     await ledger.set_setting("override.global", '{"enabled": false}')
     assert await ledger.get_setting("override.global") == '{"enabled": false}'
     assert await ledger.caps() == {}
-    await ledger.set_cap(("tenant", "acme"), 5 * 10**12)
-    await ledger.set_cap(("campaign", "spring 'quoted'"), 10**12)
-    await ledger.set_cap(("tenant", "acme"), None)  # removed (also a config cap)
-    assert await ledger.caps() == {("tenant", "acme"): None,
-                                   ("campaign", "spring 'quoted'"): 10**12}
+    await ledger.set_caps(("tenant", "acme"), {"monthly": 5 * 10**12})
+    await ledger.set_caps(("campaign", "spring 'quoted'"), {"monthly": 10**12})
+    await ledger.set_caps(("tenant", "acme"), {"monthly": None})  # removed (a config cap)
+    # Several windows in one change; a later change to one window leaves the others.
+    await ledger.set_caps(("user", "alice smith"), {"daily": 2 * 10**12, "hourly": 10**11})
+    await ledger.set_caps(("user", "alice smith"), {"hourly": None})
+    assert await ledger.caps() == {("tenant", "acme"): {"monthly": None},
+                                   ("campaign", "spring 'quoted'"): {"monthly": 10**12},
+                                   ("user", "alice smith"): {"daily": 2 * 10**12,
+                                                             "hourly": None}}
     again = await backend.open()  # survives a restart / is seen by another replica
     assert await again.caps() == await ledger.caps()
 
@@ -271,7 +276,7 @@ async def test_audit_queue_anchor_and_atomic_admin_changes(backend: Backend) -> 
     ledger.audit(AuditRow("warning", row.ts, '{"time": "t2"}'))
     # An admin change carries its event in the same transaction; a no-op revoke records none.
     admin = AuditRow("admin", row.ts, '{"time": "t3", "action": "cap.set"}')
-    await ledger.set_cap(("tenant", "acme"), 10**12, audit=admin)
+    await ledger.set_caps(("tenant", "acme"), {"monthly": 10**12}, audit=admin)
     assert not await ledger.revoke_key("nobody", T0, audit=admin)
     await ledger.flush()
     anchor, pending = await ledger.audit_pending(10)

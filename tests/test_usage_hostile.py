@@ -278,7 +278,8 @@ def test_overshoot_is_charged_flagged_audited_counted_and_shown(
     month = stack.gw.budgets.current_period()
     csv = stack.request("GET", f"/admin/invoices/{month}.csv", headers=BEARER).body.decode()
     header, line = csv.splitlines()[:2]
-    assert header.endswith('"overshoot_usd"') and line.endswith(f'"{format_usd(row.overshoot)}"')
+    assert header.endswith('"overshoot_usd","user"')
+    assert line.endswith(f'"{format_usd(row.overshoot)}",""')
     logs = stack.request("GET", "/admin/api/logs/overshoot", headers=BEARER).json()
     assert row.id in str(logs)
     assert row.id in stack.request("GET", "/admin/logs?kind=overshoot",

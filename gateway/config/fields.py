@@ -38,8 +38,6 @@ class ConfigError(Exception):
 # level, "budget_entry" a cap such as budgets.tenants.acme): they get their own message.
 NOT_YET: dict[str, frozenset[str]] = {
     "": frozenset({"upstreams"}),
-    "budgets": frozenset({"users", "users_default"}),
-    "budget_entry": frozenset({"weekly_usd", "daily_usd", "hourly_usd"}),
 }
 
 

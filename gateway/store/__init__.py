@@ -87,7 +87,7 @@ def open_store(settings: Settings, clock: Callable[[], datetime] | None = None,
         from gateway.store.sqlite import SqliteLedger
 
         ledger = SqliteLedger(sqlite_path(settings.database), settings.db_synchronous)
-        budgets = BudgetEngine(b.limits, b.tz, b.warn_at, ledger.spend_by_scope,
+        budgets = BudgetEngine(b.budget_limits(), b.tz, b.warn_at, ledger.spend_in,
                                policy.near_cap, policy.min_output_tokens, clock)
         return Store(ledger, budgets)
     from gateway.budget import Books
@@ -97,7 +97,7 @@ def open_store(settings: Settings, clock: Callable[[], datetime] | None = None,
 
     # Replicas share one hard cap: admission happens in PostgreSQL. The mirror exists first,
     # so the ledger's writer can report every commit to it from its first transaction.
-    mirror = Mirror(Books(b.limits, b.tz, b.warn_at, clock), on_crossings)
+    mirror = Mirror(Books(b.budget_limits(), b.tz, b.warn_at, clock), on_crossings)
     pg = PostgresLedger(settings.database, pool_size=settings.db_pool_size,
                         reclaim_after_s=settings.db_reclaim_after_s, hook=mirror)
     return Store(pg, SharedBudgets(pg, mirror, policy), pg_sync.start)

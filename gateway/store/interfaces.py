@@ -18,12 +18,14 @@ exactly what it must provide, in the spirit of httpx's transports:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.budget import Reservation, ScopeKey
 from gateway.ledger import KeyRecord, LedgerEntry, UsageRow
+from gateway.windows import Span
 
 if TYPE_CHECKING:
     from gateway.audit import Anchor, AuditRow, PendingEvent
@@ -70,11 +72,13 @@ class AdminState(Protocol):
     async def add_setting(self, key: str, value: str) -> str:
         """Store ``value`` unless ``key`` has one; return the stored value (racers agree)."""
 
-    async def caps(self) -> dict[ScopeKey, int | None]:
-        """Caps set by admins, overriding config; None means the limit was removed."""
+    async def caps(self) -> dict[ScopeKey, dict[str, int | None]]:
+        """Caps set by admins per scope and window, overriding config; None means the
+        window's limit was removed."""
 
-    async def set_cap(self, key: ScopeKey, limit: int | None,
-                      audit: AuditRow | None = None) -> None: ...
+    async def set_caps(self, key: ScopeKey, changes: Mapping[str, int | None],
+                       audit: AuditRow | None = None) -> None:
+        """Store one scope's changed windows (``{"daily": limit or None}``) at once."""
 
     async def keys(self) -> list[KeyRecord]: ...
 
@@ -88,7 +92,13 @@ class Reports(Protocol):
     """Read-only views of the ledger."""
 
     async def spend_by_scope(self, period: str) -> dict[ScopeKey, int]:
-        """Spend per (scope, id) in a period; pending rows count at their reserved amount."""
+        """Spend per (scope, id) in a month; pending rows count at their reserved amount."""
+
+    async def spend_in(self, span: Span) -> dict[ScopeKey, int]:
+        """Spend per (scope, id) in one period of any window (rows admitted within it)."""
+
+    async def latest_ts(self) -> datetime | None:
+        """The newest request's admission instant (time never goes back before it)."""
 
     async def overshoot(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
         """Per (scope, id): pico-USD charged beyond reservations in a period, and how many

@@ -114,6 +114,18 @@ MIGRATIONS: list[str] = [
     ALTER TABLE requests ADD COLUMN end_user TEXT;
     ALTER TABLE requests ADD COLUMN provider TEXT NOT NULL DEFAULT '';
     """,
+    # 7: caps set by admins per budget window (amount NULL: a configured cap removed); the
+    # monthly caps of budget_caps move here. budget_usage rows are keyed by any window's
+    # period id from now on (gateway.windows), reservations.scopes holds [period, scope, id].
+    """
+    CREATE TABLE budget_windows (
+        scope TEXT NOT NULL, id TEXT NOT NULL, time_window TEXT NOT NULL, amount BIGINT,
+        updated_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (scope, id, time_window)
+    );
+    INSERT INTO budget_windows SELECT scope, id, 'monthly', monthly, updated_at FROM budget_caps;
+    DROP TABLE budget_caps;
+    CREATE INDEX requests_ts ON requests (ts);
+    """,
 ]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from gateway.budget import apply_caps
 from gateway.services import OVERRIDE_SETTING, Gateway, OverrideState
 from gateway.store.pg_budgets import SharedBudgets
 from gateway.store.postgres import CHANNEL, PostgresLedger
@@ -42,9 +43,8 @@ async def reload(gw: Gateway, kinds: set[str] | frozenset[str]) -> None:
         if stored is not None:
             gw.overrides.state = OverrideState.from_json(stored)
     if "caps" in kinds:
-        for key, limit in (await gw.ledger.caps()).items():
-            if gw.budgets.limits.get(key) != limit:
-                await gw.budgets.set_limit(key, limit)
+        await apply_caps(gw.budgets, gw.settings.budgets.budget_limits(),
+                         await gw.ledger.caps())
     if "keys" in kinds:
         gw.keys.reload(await gw.ledger.keys())
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import asyncpg
 import orjson
 
-from gateway.budget import Crossing, Reservation, ScopeKey, ScopeState
+from gateway.budget import Crossing, Reservation, ScopeState
 from gateway.errors import BudgetExceeded
 from gateway.ledger import COLUMNS, LedgerEntry
 from gateway.store.group_commit import GroupCommit, resolve
@@ -90,7 +90,7 @@ class Writes:
                 f"SELECT i, ${n + 1}, p, s, a FROM unnest(${n}::text[], ${n + 2}::text[], "
                 f"${n + 3}::jsonb[], ${n + 4}::int8[]) AS v(i, p, s, a)"),
                 [op.rid for op, _ in granted], replica, [op.period for op, _ in granted],
-                [orjson.dumps(r.scopes).decode() for _, r in granted],
+                [orjson.dumps(r.slots).decode() for _, r in granted],
                 [r.amount for _, r in granted])
 
     def usage(self, rows: Mapping[UsageKey, ScopeState],
@@ -125,12 +125,12 @@ class Writes:
 # -- operations -------------------------------------------------------------------------------
 @dataclass(eq=False, slots=True)
 class ReserveOp:
-    """Take a reservation: ``decide`` runs against the locked budget rows of ``scopes``."""
+    """Take a reservation: ``decide`` runs against the locked budget rows of ``slots``."""
 
-    period: str
-    scopes: tuple[ScopeKey, ...]  # every scope of the request; rows that exist get locked
+    period: str  # the calendar month (the reservation row's)
+    slots: tuple[UsageKey, ...]  # every window of every scope of the request; existing rows
     rid: str
-    decide: Callable[[dict[ScopeKey, ScopeState]], Reservation]
+    decide: Callable[[dict[UsageKey, ScopeState]], Reservation]
     future: asyncio.Future[Reservation]
 
 
@@ -139,8 +139,7 @@ class ReleaseOp:
     """Settle a reservation: ``reserved -= amount, spent += cost`` on the rows it holds."""
 
     rid: str
-    period: str
-    scopes: tuple[ScopeKey, ...]
+    slots: tuple[UsageKey, ...]
     amount: int
     cost: int
     tracked: bool = True  # the engine counted it in its mirror and waits for it
@@ -216,10 +215,10 @@ async def claim_crossings(conn: asyncpg.Connection, crossings: list[Crossing],
     return [c for c in crossings if (c.period, c.scope, c.id, str(c.threshold)) in keys]
 
 
-def apply_release(rows: Mapping[UsageKey, ScopeState], period: str,
-                  scopes: Iterable[ScopeKey], amount: int, cost: int) -> None:
-    for scope in scopes:
-        state = rows.get((period, *scope))
+def apply_release(rows: Mapping[UsageKey, ScopeState], slots: Iterable[UsageKey],
+                  amount: int, cost: int) -> None:
+    for slot in slots:
+        state = rows.get(slot)
         if state is not None:
             state.reserved -= amount
             state.spent += cost
@@ -319,7 +318,7 @@ class PgWriter:
         releases = [op for op in batch if isinstance(op, ReleaseOp)]
         begins = [op for op in batch if isinstance(op, BeginOp)]
         finals = {op.entry.id: op.entry for op in batch if isinstance(op, UpsertOp)}
-        keys = {(op.period, *s) for op in reserves + releases for s in op.scopes}
+        keys = {s for op in reserves + releases for s in op.slots}
         writes = Writes()
         if not keys:  # only ledger rows: one self-committing statement
             writes.ledger(begins, list(finals.values()))
@@ -335,10 +334,10 @@ class PgWriter:
                     [op.rid for op in releases])}
                 for op in releases:
                     if op.rid in gone:  # else a reclaim already charged it
-                        apply_release(rows, op.period, op.scopes, op.amount, op.cost)
+                        apply_release(rows, op.slots, op.amount, op.cost)
             results = [self._decide(op, rows) for op in reserves]
             writes.reservations([(op, r) for op, r in zip(reserves, results, strict=True)
-                                 if isinstance(r, Reservation) and r.scopes], self.replica)
+                                 if isinstance(r, Reservation) and r.slots], self.replica)
             writes.usage(rows, before)
             writes.ledger(begins, list(finals.values()))
             await writes.run(conn)
@@ -352,7 +351,7 @@ class PgWriter:
     @staticmethod
     def _decide(op: ReserveOp, rows: dict[UsageKey, ScopeState]
                 ) -> Reservation | BudgetExceeded:
-        view = {s: rows[(op.period, *s)] for s in op.scopes if (op.period, *s) in rows}
+        view = {s: rows[s] for s in op.slots if s in rows}
         try:
             return op.decide(view)
         except BudgetExceeded as exc:
@@ -361,8 +360,8 @@ class PgWriter:
     def _deliver(self, outcome: _Outcome) -> None:
         for op, result in zip(outcome.reserves, outcome.results, strict=True):
             if op.future.done():  # the caller gave up after all: give the budget back
-                if isinstance(result, Reservation) and result.scopes:
-                    self.put(ReleaseOp(op.rid, op.period, result.scopes, result.amount, 0,
+                if isinstance(result, Reservation) and result.slots:
+                    self.put(ReleaseOp(op.rid, result.slots, result.amount, 0,
                                        tracked=False))
             elif isinstance(result, BudgetExceeded):
                 resolve(op.future, result)

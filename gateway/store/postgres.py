@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ from gateway.budget_rules import in_scope_sql
 from gateway.ledger import (
     KeyRecord,
     LedgerEntry,
+    fold_caps,
 )
 from gateway.store.outbox_sql import PgOutbox
 from gateway.store.pg_audit import _INSERT_AUDIT, PgAuditQueue
@@ -51,6 +52,7 @@ from gateway.store.pg_writer import (
     lock_usage,
     write_usage,
 )
+from gateway.windows import Span
 
 log = logging.getLogger("costwall.ledger")
 
@@ -58,6 +60,13 @@ CHANNEL = "costwall_changes"
 RECLAIM_LOCK = 0x636F7374  # advisory lock namespace for reclaiming one replica
 # Which ledger rows belong to a scope, for the first spend of a new budget row.
 _IN_SCOPE = in_scope_sql("r", "k")  # generated from the one definition (gateway.budget_rules)
+
+
+def reservation_slots(month: str, stored: str) -> list[UsageKey]:
+    """A reservation row's slots: ``[period, scope, id]`` triples, or the ``[scope, id]``
+    pairs of the month that versions before budget windows stored."""
+    return [(month, s[0], s[1]) if len(s) == 2 else (s[0], s[1], s[2])
+            for s in orjson.loads(stored)]
 
 
 def replica_id() -> str:
@@ -231,8 +240,8 @@ class PostgresLedger(PgReports, PgAuditQueue, PgOutbox):
             open_ = await conn.fetch(
                 "SELECT r.id, r.period, r.scopes, r.amount, q.state, q.cost FROM reservations r "
                 "LEFT JOIN requests q ON q.id = r.request_id WHERE r.replica = $1", dead)
-            scopes = {r[0]: [tuple(s) for s in orjson.loads(r[2])] for r in open_}
-            rows = await lock_usage(conn, {(r[1], *s) for r in open_ for s in scopes[r[0]]})
+            slots = {r[0]: reservation_slots(r[1], r[2]) for r in open_}
+            rows = await lock_usage(conn, {s for r in open_ for s in slots[r[0]]})
             before = {k: (s.spent, s.reserved) for k, s in rows.items()}
             gone = {r[0] for r in await conn.fetch(
                 "DELETE FROM reservations WHERE id = ANY($1::text[]) RETURNING id",
@@ -246,7 +255,7 @@ class PostgresLedger(PgReports, PgAuditQueue, PgOutbox):
                     charge = r[3]
                 else:  # settled, but the budget row missed it
                     charge = _int(r[5])
-                apply_release(rows, r[1], scopes[r[0]], r[3], charge)
+                apply_release(rows, slots[r[0]], r[3], charge)
             await write_usage(conn, rows, before)
             settled = await conn.fetch(
                 "UPDATE requests SET state = 'settled', cost = reserved, "
@@ -276,13 +285,14 @@ class PostgresLedger(PgReports, PgAuditQueue, PgOutbox):
             "SELECT scope, id, spent, reserved FROM budget_usage WHERE period = $1", period)
         return {(r[0], r[1]): (int(r[2]), int(r[3])) for r in rows}
 
-    async def ensure_usage(self, keys: Sequence[UsageKey]) -> None:
-        """Create missing budget rows, starting from what the ledger holds for the scope.
+    async def ensure_usage(self, keys: Sequence[UsageKey], spans: Sequence[Span]) -> None:
+        """Create missing budget rows (``keys[i]`` in the period ``spans[i]``), starting from
+        what the ledger holds for the scope in that period.
 
         The table lock (EXCLUSIVE: plain reads go on) waits for reservation transactions in
         flight and holds new ones back while the first spend is computed, so a request is
         counted either here (its ledger row or its open reservation) or by locking the new
-        row — never by neither. Taken once per scope and month.
+        row — never by neither. Taken once per scope and period.
         """
         if not keys:
             return
@@ -294,17 +304,22 @@ class PostgresLedger(PgReports, PgAuditQueue, PgOutbox):
             *cols)
         if not missing:
             return
+        bounds = ([s.start for s in spans], [s.end for s in spans],
+                  [s.months[0] for s in spans], [s.months[-1] for s in spans])
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("LOCK TABLE budget_usage IN EXCLUSIVE MODE")
             await conn.execute(
                 "INSERT INTO budget_usage (period, scope, id, spent) "
                 f"SELECT k.period, k.scope, k.id, "
                 f"COALESCE((SELECT SUM({_COST}) FROM requests r "
-                f"WHERE r.period = k.period AND {_IN_SCOPE}), 0) + "
+                "WHERE r.period IN (k.m1, k.m2) AND r.ts >= k.t0 AND r.ts < k.t1 "
+                f"AND {_IN_SCOPE}), 0) + "
                 "COALESCE((SELECT SUM(v.amount) FROM reservations v "
-                "WHERE v.period = k.period AND v.request_id IS NULL "
-                "AND v.scopes @> jsonb_build_array(jsonb_build_array(k.scope, k.id))), 0) "
-                f"FROM {unnest} ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING", *cols)
+                "WHERE v.request_id IS NULL AND v.scopes @> "
+                "jsonb_build_array(jsonb_build_array(k.period, k.scope, k.id))), 0) "
+                "FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], "
+                "$5::timestamptz[], $6::text[], $7::text[]) AS k(period, scope, id, t0, t1, m1, "
+                "m2) ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING", *cols, *bounds)
 
     # -- admin state (each change is announced to the other replicas) ------------------------
     async def _change(self, kind: str, sql: str, *args: Any, audit: AuditRow | None = None
@@ -339,17 +354,23 @@ class PostgresLedger(PgReports, PgAuditQueue, PgOutbox):
         assert stored is not None  # settings rows are never deleted
         return stored
 
-    async def caps(self) -> dict[ScopeKey, int | None]:
-        rows = await self.pool.fetch("SELECT scope, id, monthly FROM budget_caps")
-        return {(r[0], r[1]): r[2] for r in rows}
+    async def caps(self) -> dict[ScopeKey, dict[str, int | None]]:
+        rows = await self.pool.fetch("SELECT scope, id, time_window, amount FROM budget_windows")
+        return fold_caps((r[0], r[1], r[2], r[3]) for r in rows)
 
-    async def set_cap(self, key: ScopeKey, limit: int | None,
-                      audit: AuditRow | None = None) -> None:
+    async def set_caps(self, key: ScopeKey, changes: Mapping[str, int | None],
+                       audit: AuditRow | None = None) -> None:
         await self._change(
             "caps",
-            "INSERT INTO budget_caps (scope, id, monthly, updated_at) VALUES ($1, $2, $3, now()) "
-            "ON CONFLICT (scope, id) DO UPDATE SET monthly = excluded.monthly, "
-            "updated_at = excluded.updated_at", key[0], key[1], limit, audit=audit)
+            "INSERT INTO budget_windows (scope, id, time_window, amount, updated_at) "
+            "SELECT $1, $2, w, a, now() FROM unnest($3::text[], $4::int8[]) AS v(w, a) "
+            "ON CONFLICT (scope, id, time_window) DO UPDATE SET amount = excluded.amount, "
+            "updated_at = excluded.updated_at", key[0], key[1], list(changes),
+            list(changes.values()), audit=audit)
+
+    async def latest_ts(self) -> datetime | None:
+        latest: datetime | None = await self.pool.fetchval("SELECT MAX(ts) FROM requests")
+        return latest
 
     async def keys(self) -> list[KeyRecord]:
         rows = await self.pool.fetch(

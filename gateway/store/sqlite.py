@@ -29,6 +29,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from gateway.audit import Anchor, AuditRow, PendingEvent
 from gateway.audit_store import key_file
 from gateway.audit_verify import anchor_from
 from gateway.budget import Reservation, ScopeKey
-from gateway.ledger import COLUMNS, KeyRecord, LedgerEntry
+from gateway.ledger import COLUMNS, KeyRecord, LedgerEntry, fold_caps
 from gateway.store.group_commit import GroupCommit, resolve
 from gateway.store.journal import Journal
 from gateway.store.outbox_sql import SqliteOutbox
@@ -288,18 +289,25 @@ class SqliteLedger(SqliteReports, SqliteOutbox):
         assert stored is not None  # settings rows are never deleted
         return stored
 
-    async def caps(self) -> dict[ScopeKey, int | None]:
-        rows = await self._fetch("SELECT scope, id, monthly FROM budget_caps")
-        return {(r[0], r[1]): r[2] for r in rows}
+    async def caps(self) -> dict[ScopeKey, dict[str, int | None]]:
+        rows = await self._fetch("SELECT scope, id, time_window, amount FROM budget_windows")
+        return fold_caps((r[0], r[1], r[2], r[3]) for r in rows)
 
-    async def set_cap(self, key: ScopeKey, limit: int | None,
-                      audit: AuditRow | None = None) -> None:
+    async def set_caps(self, key: ScopeKey, changes: Mapping[str, int | None],
+                       audit: AuditRow | None = None) -> None:
+        now = _ts(datetime.now(UTC))
         await self._change(
-            "INSERT INTO budget_caps (scope, id, monthly, updated_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (scope, id) DO UPDATE SET monthly = excluded.monthly, "
+            "INSERT INTO budget_windows (scope, id, time_window, amount, updated_at) VALUES "
+            + ", ".join("(?, ?, ?, ?, ?)" for _ in changes)
+            + " ON CONFLICT (scope, id, time_window) DO UPDATE SET amount = excluded.amount, "
             "updated_at = excluded.updated_at",
-            (key[0], key[1], limit, _ts(datetime.now(UTC))), audit,
+            tuple(v for w, limit in changes.items() for v in (key[0], key[1], w, limit, now)),
+            audit,
         )
+
+    async def latest_ts(self) -> datetime | None:
+        rows = await self._fetch("SELECT MAX(ts) FROM requests")
+        return _parse_ts(rows[0][0]) if rows else None
 
     async def keys(self) -> list[KeyRecord]:
         rows = await self._fetch(

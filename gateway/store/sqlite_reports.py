@@ -12,8 +12,17 @@ from typing import Any
 import aiosqlite
 
 from gateway.budget import ScopeKey
-from gateway.ledger import COLUMNS, GROUP_BY, LedgerEntry, UsageRow, fold_overshoot, fold_spend
-from gateway.store.sqlite_sql import _COST, _USAGE_SUMS, _entry, _unwide, _wide_sum
+from gateway.ledger import (
+    COLUMNS,
+    GROUP_BY,
+    GROUP_COLUMNS,
+    LedgerEntry,
+    UsageRow,
+    fold_overshoot,
+    fold_spend,
+)
+from gateway.store.sqlite_sql import _COST, _USAGE_SUMS, _entry, _ts, _unwide, _wide_sum
+from gateway.windows import Span
 
 
 class SqliteReports:
@@ -22,25 +31,36 @@ class SqliteReports:
     _fetch: Callable[..., Awaitable[list[aiosqlite.Row]]]
 
     async def spend_by_scope(self, period: str) -> dict[ScopeKey, int]:
+        return await self._spend("period = ?", (period,))
+
+    async def spend_in(self, span: Span) -> dict[ScopeKey, int]:
+        if span.window == "monthly":
+            return await self.spend_by_scope(span.period)
+        months = ", ".join("?" for _ in span.months)
+        return await self._spend(f"period IN ({months}) AND ts >= ? AND ts < ?",
+                                 (*span.months, _ts(span.start), _ts(span.end)))
+
+    async def _spend(self, where: str, params: tuple[Any, ...]) -> dict[ScopeKey, int]:
         rows = await self._fetch(
-            f"SELECT tenant, agent, campaign, key_name, {_wide_sum(_COST)} "
-            "FROM requests WHERE period = ? GROUP BY tenant, agent, campaign, key_name",
-            (period,),
+            f"SELECT tenant, agent, campaign, key_name, end_user, {_wide_sum(_COST)} "
+            f"FROM requests WHERE {where} GROUP BY tenant, agent, campaign, key_name, end_user",
+            params,
         )
-        return fold_spend([(r[0], r[1], r[2], r[3], _unwide(r[4], r[5])) for r in rows])
+        return fold_spend([(r[0], r[1], r[2], r[3], r[4], _unwide(r[5], r[6])) for r in rows])
 
     async def overshoot(self, period: str) -> dict[ScopeKey, tuple[int, int]]:
         rows = await self._fetch(
-            f"SELECT tenant, agent, campaign, key_name, {_wide_sum('overshoot')}, COUNT(*) "
-            "FROM requests WHERE period = ? AND overshoot > 0 "
-            "GROUP BY tenant, agent, campaign, key_name", (period,))
-        return fold_overshoot([(r[0], r[1], r[2], r[3], _unwide(r[4], r[5]), r[6])
+            f"SELECT tenant, agent, campaign, key_name, end_user, {_wide_sum('overshoot')}, "
+            "COUNT(*) FROM requests WHERE period = ? AND overshoot > 0 "
+            "GROUP BY tenant, agent, campaign, key_name, end_user", (period,))
+        return fold_overshoot([(r[0], r[1], r[2], r[3], r[4], _unwide(r[5], r[6]), r[7])
                                for r in rows])
 
     async def usage(self, period: str, group_by: str, tenant: str | None = None) -> list[UsageRow]:
         if group_by not in GROUP_BY:
             raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
-        column = "substr(ts, 1, 10)" if group_by == "day" else f"COALESCE({group_by}, '')"
+        column = ("substr(ts, 1, 10)" if group_by == "day"
+                  else f"COALESCE({GROUP_COLUMNS[group_by]}, '')")
         where, params = "period = ?", [period]
         if tenant is not None:
             where += " AND tenant = ?"
