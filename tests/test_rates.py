@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from gateway.fake_upstream import FakeUpstreamState, create_fake_upstream
-from tests.harness import KEYS, LoopThread, Stack
+from tests.harness import FINANCE_TOKEN, KEYS, LoopThread, Stack
 from tests.test_metrics import scrape, value
 
 MESSAGES = [{"role": "user", "content": "one line about rate limits"}]
@@ -425,8 +425,23 @@ def test_the_rate_limit_comes_before_the_budget(rate_stack: Callable[..., Stack]
     assert len(stack.rows()) == 2 and stack.state.total_requests == 2
 
 
+def test_the_admin_api_lists_the_configured_limits(rate_stack: Callable[..., Stack]) -> None:
+    stack = rate_stack(rate_limits={"global": {"rpm": 6000},
+                                    "keys": {KEY_LIMIT: {"tpm": 200_000, "concurrent": 20}},
+                                    "users_default": {"rpm": 30}})
+    reply = stack.request("GET", "/admin/api/budget",
+                          headers={"Authorization": f"Bearer {FINANCE_TOKEN}"})
+    assert reply.status == 200
+    assert reply.json()["rate_limits"] == [
+        {"scope": "global", "id": "global", "rpm": 6000, "tpm": None, "concurrent": None},
+        {"scope": "key", "id": KEY_LIMIT, "rpm": None, "tpm": 200_000, "concurrent": 20},
+        {"scope": "user", "id": "*", "rpm": 30, "tpm": None, "concurrent": None}]
+
+
 def test_no_rate_limit_configured_costs_nothing_and_says_nothing(stack: Stack) -> None:
     assert stack.gw.rates is None
+    assert stack.request("GET", "/admin/api/budget", headers={
+        "Authorization": f"Bearer {FINANCE_TOKEN}"}).json()["rate_limits"] == []
     status, headers, _ = chat(stack)
     assert status == 200
     assert not [h for h in headers if h.lower().startswith("x-ratelimit")]
