@@ -257,7 +257,7 @@ def test_database_unreachable_closed_refuses_fast_and_recovers(tmp_path: Path,
         relay.cut()
         started = time.monotonic()
         status, headers, body = chat(stack, max_retries=2)  # the SDK must not retry it
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 4  # the connection is gone: no timeout waited
         assert status == 503
         assert (body["code"], body["type"]) == ("rate_limits_unavailable", "server_error")
         assert headers["x-should-retry"] == "false" and headers["retry-after"] == "5"
@@ -313,7 +313,7 @@ def test_rate_store_not_answering(tmp_path: Path, database: str, mode: str) -> N
         conn = loop.run(lock_rate_tables(database))
         started = time.monotonic()
         first = chat(stack)[0]
-        assert time.monotonic() - started < 4  # the limiter's own timeout (2 s), no more
+        assert time.monotonic() - started < 6  # the limiter's own timeout (2 s), not 5 s+
         statuses = [first] + [chat(stack)[0] for _ in range(4)]
         if mode == "closed":
             assert statuses == [503] * 5
