@@ -313,7 +313,7 @@ def test_rate_store_not_answering(tmp_path: Path, database: str, mode: str) -> N
         conn = loop.run(lock_rate_tables(database))
         started = time.monotonic()
         first = chat(stack)[0]
-        assert time.monotonic() - started < 6  # the limiter's own timeout (2 s), not 5 s+
+        assert time.monotonic() - started < 5  # the limiter's own timeout (2 s) and a little
         statuses = [first] + [chat(stack)[0] for _ in range(4)]
         if mode == "closed":
             assert statuses == [503] * 5
