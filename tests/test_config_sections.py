@@ -101,7 +101,7 @@ def test_unknown_key_tables_are_derived_from_the_declarations_and_unchanged() ->
     by_hand = {
         "": frozenset({"server", "upstream", "database", "logs_dir", "reports_dir", "pricing",
                        "unknown_model", "admin", "budgets", "override", "keys", "logging",
-                       "limits", "invoices", "ledger", "alerts"}),
+                       "limits", "invoices", "ledger", "alerts", "upstreams"}),
         "alerts": frozenset({"channels", "rules", "allow_private_targets", "anomaly", "smtp"}),
         "server": frozenset({"host", "port"}),
         "upstream": frozenset({"base_url", "api_key_env", "timeout_s", "connect_timeout_s",
@@ -119,6 +119,8 @@ def test_unknown_key_tables_are_derived_from_the_declarations_and_unchanged() ->
         "logging": frozenset({"format", "level", "access"}),
         "invoices": frozenset({"company", "auto", "email_to"}),
         "override": frozenset({"allow"}),
+        "upstream_entry": frozenset({"name", "kind", "base_url", "api_key_env", "models",
+                                     "timeout_s", "connect_timeout_s", "max_connections"}),
     }
     assert by_hand == SECTION_KEYS
     for kind, later in NOT_YET.items():  # a key is either read or "not yet", never both
