@@ -70,7 +70,8 @@ def test_routes_registered_from_the_table() -> None:
     for route in ROUTES:
         match = pattern.fullmatch(f"/v1/{route.path}")
         assert match is not None and match["endpoint"] == route.path, route.path
-    for other in ("/v1/messages/count_tokens", "/v1/chat", "/v1/completions/x", "/v1/embeddings/../models"):
+    for other in ("/v1/messages/count_tokens", "/v1/chat", "/v1/completions/x",
+                  "/v1/embeddings/../models"):
         assert pattern.fullmatch(other) is None, other
 
 
