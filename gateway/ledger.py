@@ -15,7 +15,8 @@ from gateway.budget import ScopeKey, scopes_for
 # invalid: the upstream reported a usage that cannot be real (gateway.usage); the request
 # was charged by counting, or at its reserved bound when there was nothing to count.
 USAGE_SOURCES = ("upstream", "counted", "reserved", "none", "invalid")
-GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task", "state")
+GROUP_BY = ("tenant", "agent", "campaign", "model", "day", "key_name", "task", "state",
+            "provider")
 
 
 @dataclass(slots=True)

@@ -300,3 +300,36 @@ def test_messages_without_usage_or_cut_are_charged_safely(stack: Stack) -> None:
     words = 2 * 4  # two content chunks of four one-token words
     assert cut.usage_source == "counted" and cut.completion_tokens >= words
     assert 0 < cut.cost < cut.reserved
+
+
+def test_provider_in_ledger_csv_invoice_and_usage_report(stack: Stack) -> None:
+    from tests.harness import ADMIN_TOKEN
+
+    stack.anthropic().messages.create(model=MODEL, max_tokens=10, messages=ASK)
+    stack.client().chat.completions.create(model="gpt-4o-mini", messages=ASK, max_tokens=10)
+    settled_rows(stack, 2)
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    month = stack.gw.budgets.current_period()
+    report = stack.request("GET", f"/admin/api/usage?month={month}&group_by=provider",
+                           headers=bearer).json()
+    groups = {row["group"]: row for row in report["rows"]}
+    assert set(groups) == {"openai", "anthropic"}, report
+    csv_text = stack.request("GET", f"/admin/invoices/{month}.csv", headers=bearer).body.decode()
+    import csv
+
+    header, *lines = list(csv.reader(csv_text.splitlines()))
+    assert sorted(line[header.index("provider")] for line in lines) == ["anthropic", "openai"]
+    from admin.invoices import build_invoice
+
+    invoice = stack.lt.run(build_invoice(stack.gw, month, None))
+    by_provider = invoice.breakdown("provider")
+    assert {line.label for line in by_provider.lines} == {"openai", "anthropic"}
+    assert by_provider.total_cents == invoice.total_cents
+    pdf = stack.request("GET", f"/admin/invoices/{month}.pdf", headers=bearer)
+    assert pdf.status == 200 and pdf.body.startswith(b"%PDF")
+    import io
+
+    from pypdf import PdfReader
+
+    text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf.body)).pages)
+    assert "By provider" in text and "anthropic" in text
