@@ -333,3 +333,60 @@ def test_provider_in_ledger_csv_invoice_and_usage_report(stack: Stack) -> None:
 
     text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf.body)).pages)
     assert "By provider" in text and "anthropic" in text
+
+
+def test_odd_framing_and_repeated_cumulative_deltas_through_the_gateway(tmp_path: Path) -> None:
+    """A misbehaving Anthropic upstream: CRLF framing, the stream written a few bytes at a
+    time, two cumulative message_deltas (the second replaces the first: never added)."""
+    from aiohttp import web
+
+    from tests.test_messages_bound import FINAL, SONNET_ENTRY, decimal_cost, stream
+
+    body = stream(b"\r\n", [{"type": "message_delta", "delta": {"stop_reason": None},
+                             "usage": {"output_tokens": 17}},
+                            {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                             "usage": {"output_tokens": 42}}])
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        if not payload.get("stream"):
+            return web.json_response({"type": "message", "content": [], "usage": None})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(0, len(body), 5):
+            await response.write(body[i:i + 5])
+        await response.write_eof()
+        return response
+
+    lt = LoopThread()
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    runner = web.AppRunner(app, access_log=None)
+
+    async def start() -> str:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+    url = lt.run(start())
+    stack = Stack(tmp_path, upstreams=[{**UPSTREAMS[1], "base_url": url}])
+    try:
+        answer = stack.request("POST", "/v1/messages", json={
+            "model": MODEL, "max_tokens": 100, "messages": ASK, "stream": True},
+            headers={"x-api-key": KEYS["acme-content"]["key"]})
+        assert answer.status == 200 and answer.body == body, "relayed byte for byte"
+        row = settled_rows(stack)[0]
+        assert (row.usage_source, row.completion_tokens) == ("upstream", 42)
+        assert row.cost == decimal_cost(SONNET_ENTRY, FINAL) * 10**12
+        # "usage": null in a whole answer: nothing reported, the reserved bound.
+        stack.request("POST", "/v1/messages", json={"model": MODEL, "max_tokens": 100,
+                                                    "messages": ASK},
+                      headers={"x-api-key": KEYS["acme-content"]["key"]})
+        rows = settled_rows(stack, 2)
+        whole = next(r for r in rows if not r.stream)
+        assert (whole.usage_source, whole.cost) == ("invalid", whole.reserved)
+    finally:
+        stack.close()
+        lt.run(runner.cleanup())
+        lt.stop()
