@@ -225,9 +225,3 @@ def _responses(payload: Mapping[str, Any], price: ModelPrice, enc: Any, model: s
     requested = _requested(payload, RESPONSES_OUTPUT_FIELDS)
     return Estimate(prompt, requested or price.max_output_tokens, 1, RESPONSES_OUTPUT_FIELDS[0],
                     tools)
-
-
-# The Anthropic Messages bound lives in its own module, which builds on ``Estimate`` above.
-from gateway.messages import estimate_messages  # noqa: E402
-
-ESTIMATORS = {**ESTIMATORS, "messages": estimate_messages}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -38,6 +39,20 @@ Obj = dict[str, Any]
 
 class Invalid(Exception):
     """A request the real API refuses with 400."""
+
+
+@dataclass(frozen=True)
+class Kit:
+    """What the Anthropic side shares with the OpenAI side (``gateway.fake_upstream`` hands
+    it over, so neither module imports the other): the state's app key, the recorded-headers
+    type, the one-token word generator, its seed, chunking and the SSE writer."""
+
+    state_key: Any
+    headers: Callable[[Any], Any]
+    generate: Callable[[Any, int, int], list[str]]
+    seed: Callable[[Any], int]
+    chunks: Callable[[list[str]], list[str]]
+    sse: Callable[..., Awaitable[web.StreamResponse]]
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -109,10 +124,8 @@ def _usage(body: Obj, output: int, state: Any) -> Obj:
             "output_tokens": output, "service_tier": "standard"}
 
 
-def _answer(body: Obj) -> tuple[str, list[str], str]:
+def _answer(kit: Kit, body: Obj) -> tuple[str, list[str], str]:
     """(model, one-token words of the answer, stop reason)."""
-    from gateway.fake_upstream import _generate, _seed  # the OpenAI side's word generator
-
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise Invalid("model: Field required")
@@ -122,24 +135,24 @@ def _answer(body: Obj) -> tuple[str, list[str], str]:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise Invalid("max_tokens: Input should be a positive integer")
     count = min(limit, ANSWER_TOKENS)
-    words = _generate(_enc(), _seed(body.get("messages")), count)
+    words = kit.generate(_enc(), kit.seed(body.get("messages")), count)
     return model, words, "max_tokens" if count == limit else "end_turn"
 
 
-def _front(handler: Callable[[web.Request, Any, Obj], Awaitable[web.StreamResponse]]
+def _front(kit: Kit, handler: Callable[[Kit, web.Request, Any, Obj],
+                                       Awaitable[web.StreamResponse]]
            ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Record, authenticate (``x-api-key`` or a bearer token), fail or delay as the knobs
     say, parse; the Anthropic side of ``gateway.fake_upstream._endpoint``."""
-    from gateway.fake_upstream import STATE_KEY, _Headers
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        state = request.app[STATE_KEY]
+        state = request.app[kit.state_key]
         raw = await request.read()
         try:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = None
-        headers = _Headers((k.lower(), v) for k, v in request.headers.items())
+        headers = kit.headers((k.lower(), v) for k, v in request.headers.items())
         state.requests.append({"path": request.path, "method": request.method,
                                "headers": headers, "json": body})
         state.total_requests += 1
@@ -162,14 +175,15 @@ def _front(handler: Callable[[web.Request, Any, Obj], Awaitable[web.StreamRespon
         if not isinstance(body, dict):
             return error(400, "There was an issue with the format of your request body.")
         try:
-            return await handler(request, state, body)
+            return await handler(kit, request, state, body)
         except Invalid as exc:
             return error(400, str(exc))
 
     return wrapped
 
 
-async def _count_tokens(request: web.Request, state: Any, body: Obj) -> web.StreamResponse:
+async def _count_tokens(kit: Kit, request: web.Request, state: Any,
+                        body: Obj) -> web.StreamResponse:
     if not isinstance(body.get("model"), str):
         raise Invalid("model: Field required")
     return web.Response(body=orjson.dumps({"input_tokens": input_tokens(body)}),
@@ -181,10 +195,9 @@ def _event(kind: str, data: Obj) -> bytes:
         + b"\n\n"
 
 
-async def _messages(request: web.Request, state: Any, body: Obj) -> web.StreamResponse:
-    from gateway.fake_upstream import _chunks, _sse
-
-    model, words, stop = _answer(body)
+async def _messages(kit: Kit, request: web.Request, state: Any,
+                    body: Obj) -> web.StreamResponse:
+    model, words, stop = _answer(kit, body)
     text = "".join(words)
     usage = _usage(body, len(words), state)
     message: Obj = {"id": "msg_" + secrets.token_hex(12), "type": "message",
@@ -205,17 +218,17 @@ async def _messages(request: web.Request, state: Any, body: Obj) -> web.StreamRe
             _event("ping", {})]
     content = [_event("content_block_delta", {"index": 0, "delta": {"type": "text_delta",
                                                                      "text": piece}})
-               for piece in _chunks(words)]
+               for piece in kit.chunks(words)]
     delta: Obj = {"delta": {"stop_reason": stop, "stop_sequence": None}}
     if not state.omit_usage:  # cumulative: the whole usage again, output complete
         delta["usage"] = {k: v for k, v in usage.items()
                           if k not in ("cache_creation", "service_tier")}
     tail = [_event("content_block_stop", {"index": 0}), _event("message_delta", delta),
             _event("message_stop", {})]
-    return await _sse(request, state, head, content, tail)
+    return await kit.sse(request, state, head, content, tail)
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, kit: Kit) -> None:
     """The Anthropic routes on the simulator's app."""
-    app.router.add_post("/v1/messages", _front(_messages))
-    app.router.add_post("/v1/messages/count_tokens", _front(_count_tokens))
+    app.router.add_post("/v1/messages", _front(kit, _messages))
+    app.router.add_post("/v1/messages/count_tokens", _front(kit, _count_tokens))

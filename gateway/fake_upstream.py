@@ -584,7 +584,9 @@ def create_fake_upstream(state: FakeUpstreamState | None = None) -> web.Applicat
     add("POST", "/v1/responses", _endpoint(_responses))
     add("GET", "/v1/models", _endpoint(_models))
     add("GET", "/v1/models/{model}", _endpoint(_models))
-    fake_anthropic.add_routes(app)  # /v1/messages and /v1/messages/count_tokens
+    # /v1/messages and /v1/messages/count_tokens, sharing this side's helpers.
+    fake_anthropic.add_routes(app, fake_anthropic.Kit(STATE_KEY, _Headers, _generate, _seed,
+                                                      _chunks, _sse))
     add("*", "/_fake/config", _config)
     add("POST", "/_fake/reset", _reset)
     add("GET", "/_fake/requests", _recorded)

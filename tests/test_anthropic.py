@@ -178,11 +178,12 @@ def test_shared_global_cap_openai_and_anthropic_agents_at_c50(tmp_path: Path) ->
     probe.close()
     assert gpt is not None and claude is not None
     from gateway.estimate import estimate
+    from gateway.messages import estimate_messages
 
     bound_gpt = gpt.upper_bound(estimate("chat", {"messages": ASK, "max_tokens": 100},
                                          gpt).prompt_tokens, 100)
-    bound_claude = claude.upper_bound(estimate("messages", {"messages": ASK, "max_tokens": 100},
-                                               claude).prompt_tokens, 100)
+    bound_claude = claude.upper_bound(estimate_messages({"messages": ASK, "max_tokens": 100},
+                                                        claude).prompt_tokens, 100)
     cap = Decimal(20 * bound_gpt + 20 * bound_claude) / 10**12
     stack = two_stack(tmp_path / "run", budgets={"global": {"monthly_usd": str(cap)}})
     stack.state.delay_s = 0.02

@@ -78,7 +78,8 @@ def test_routes_registered_from_the_table() -> None:
 def test_by_name_helpers_follow_the_table() -> None:
     """``estimate("chat", ...)``, ``StreamMeter("chat")``: the same functions as the table."""
     for route in ROUTES:
-        assert estimate.ESTIMATORS[route.name] is route.estimate
+        # gateway.messages builds on Estimate, so estimate's by-name table cannot hold it.
+        assert estimate.ESTIMATORS.get(route.name, messages.estimate_messages) is route.estimate
         assert usage.usage_format(route.name) is route.usage
         assert usage.usage_format(route.usage) is route.usage
 
