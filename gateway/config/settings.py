@@ -27,6 +27,7 @@ from gateway.config.sections import (
     ServerSettings,
     UpstreamSettings,
 )
+from gateway.config.upstreams import UpstreamEntry
 
 # flat name -> (section attribute, field): the compatibility surface, in one table.
 FLAT: dict[str, tuple[str, str]] = {
@@ -69,6 +70,7 @@ class Settings:
     override: OverrideSettings = field(default_factory=OverrideSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     keys: tuple[VirtualKey, ...] = ()
+    upstreams: tuple[UpstreamEntry, ...] = ()  # empty: the lone ``upstream`` section
 
     def __init__(self, **values: Any) -> None:
         """Sections by name, plus any flat name of ``FLAT`` (applied on top of them)."""
@@ -213,4 +215,4 @@ SECTIONS: dict[str, type[Section]] = {
     "limits": LimitsSettings, "logging": LoggingSettings, "invoices": InvoiceSettings,
     "override": OverrideSettings, "alerts": AlertSettings,
 }
-assert {*SECTIONS, "keys"} == set(Settings.__dataclass_fields__)
+assert {*SECTIONS, "keys", "upstreams"} == set(Settings.__dataclass_fields__)
