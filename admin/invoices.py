@@ -58,7 +58,7 @@ CSV_COLUMNS = (
     "timestamp", "request_id", "tenant", "agent", "campaign", "task", "model",
     "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_usd",
     "override", "override_reason", "key_name", "endpoint", "status", "usage_source", "state",
-    "latency_ms", "overshoot_usd", "user",
+    "latency_ms", "overshoot_usd", "user", "provider",
 )
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 __all__ = [  # the invoice API, including what it re-exports from admin.pdf_sandbox
@@ -141,7 +141,8 @@ class Invoice:
     total_exact: int  # pico-USD
     total_cents: int
     lines: tuple[Line, ...]  # the charges: one line per model
-    breakdowns: tuple[Breakdown, ...]  # tenant (all-tenant invoices), campaign, agent, model, day
+    # tenant (all-tenant invoices), campaign, agent, model, provider (upstream), day
+    breakdowns: tuple[Breakdown, ...]
 
     @property
     def total(self) -> str:
@@ -272,6 +273,9 @@ def make_invoice(entries: list[LedgerEntry], period: str, tenant: str | None, co
                    other="Other campaigns"),
         _breakdown(entries, "agent", "By agent", lambda e: display_label(e.agent, "(no agent)"),
                    other="Other agents"),
+        _breakdown(entries, "provider", "By provider",
+                   lambda e: display_label(e.provider, "(before upstreams)"),
+                   other="Other providers"),
         _breakdown(entries, "day", "By day", day, order="label"),
     ]
     if tenant is None:
@@ -333,6 +337,7 @@ def render_csv(invoice: Invoice) -> bytes:
             "true" if e.override else "false", neutralise(e.override_reason),
             neutralise(e.key_name), neutralise(e.endpoint), e.status, e.usage_source, e.state,
             e.latency_ms, format_usd(e.overshoot), neutralise(e.end_user),
+            neutralise(e.provider),
         ))
     return buf.getvalue().encode("utf-8")
 

@@ -27,6 +27,8 @@ from gateway.audit import AuditTrail
 from gateway.budget import Crossing, apply_caps
 from gateway.config import Settings
 from gateway.config.alerts import Channel
+from gateway.config.upstreams import resolved
+from gateway.endpoints import ERROR_KINDS
 from gateway.errors import GatewayError, NotFound
 from gateway.forecast_service import setup_forecast
 from gateway.keys import KeyRing
@@ -34,8 +36,10 @@ from gateway.logs import REQUEST_ID
 from gateway.metrics import BudgetView, Metrics
 from gateway.ops import setup_ops
 from gateway.pricing import PriceTable, load_price_table
+from gateway.providers import OPENAI
 from gateway.proxy import REQUEST_ID_KEY, new_request_id, setup_routes
 from gateway.rates import open_rates, rates_ctx
+from gateway.routing import Router
 from gateway.services import GATEWAY, OVERRIDE_SETTING, Gateway, OverrideState
 from gateway.store import open_store
 
@@ -60,8 +64,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             gw.metrics.child(gw.metrics.requests, "rejected", "-").inc()
         access_log.info("answered %d %s", exc.status, exc.code,
                         extra={"path": request.path, "status": exc.status, "code": exc.code})
+        # The error shape of the API the client speaks on this path (Anthropic's on
+        # /v1/messages), OpenAI's elsewhere.
+        body = ERROR_KINDS.get(request.path, OPENAI).error_body(exc)
         return web.Response(
-            status=exc.status, body=exc.to_json(), content_type="application/json",
+            status=exc.status, body=body, content_type="application/json",
             headers=[("X-Costwall-Request-Id", request[REQUEST_ID_KEY]), *exc.headers],
         )
     except web.HTTPException as exc:
@@ -73,7 +80,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             error = NotFound(f"Unknown endpoint {request.method} {request.path}.")
         elif exc.status == 405:
             error.message = f"Method {request.method} is not allowed on {request.path}."
-        return web.Response(status=error.status, body=error.to_json(),
+        return web.Response(status=error.status,
+                            body=ERROR_KINDS.get(request.path, OPENAI).error_body(error),
                             content_type="application/json")
     finally:
         REQUEST_ID.reset(token)
@@ -102,17 +110,20 @@ def _resources(gw: Gateway, follow: Callable[[Gateway], asyncio.Task[None]] | No
         await gw.budgets.load_current()
         # Admin changes made on other replicas reach this one (shared stores only).
         feed = follow(gw) if follow is not None else None
-        gw.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=gw.settings.upstream_max_connections,
-                                           limit_per_host=0, ttl_dns_cache=300),
-            auto_decompress=True, skip_auto_headers=("User-Agent",),
-        )
+        for upstream in gw.router.upstreams:  # one pool each, sized per upstream
+            gw.sessions[upstream.name] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=upstream.max_connections,
+                                               limit_per_host=0, ttl_dns_cache=300),
+                auto_decompress=True, skip_auto_headers=("User-Agent",),
+            )
+        gw.session = gw.sessions[gw.router.upstreams[0].name]
         yield
         if feed is not None:
             feed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
-        await gw.session.close()
+        for session in gw.sessions.values():
+            await session.close()
         await gw.audit.close()
         await gw.ledger.close()
 
@@ -141,7 +152,7 @@ def build_gateway(
     metrics.watch_budgets(BudgetView(store.budgets))
     gw = Gateway(settings, prices, store.ledger, store.budgets, KeyRing(settings.keys),
                  AuditTrail(settings.logs_dir, clock, store.audit, tz=settings.budgets.tz),
-                 metrics, clock, follow=store.follow)
+                 metrics, clock, follow=store.follow, router=Router(resolved(settings)))
     gw.rates = open_rates(settings, metrics, clock, getattr(store.ledger, "replica", None))
     # Real time, not the injected clock: leases, backoff and webhook-timestamp are wall time.
     gw.alerts = Alerts(settings.alerts, store.ledger, metrics.alerts,

@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway.budget import Reservation
 from gateway.config import VirtualKey
+from gateway.config.upstreams import UpstreamEntry
 from gateway.endpoints import Endpoint
 from gateway.errors import BudgetExceeded
 from gateway.estimate import Estimate
@@ -43,6 +44,7 @@ class Call:
     estimate: Estimate
     stream: bool
     user: str | None = None  # the end user (``gateway.inbound.end_user``)
+    upstream: UpstreamEntry | None = None  # where it goes (``gateway.routing``)
     strip_usage: bool = False
     reservation: Reservation | None = None
     override_reason: str | None = None
@@ -54,6 +56,7 @@ class Call:
     answered: bool = False   # an answer arrived (a whole body, or a stream however it ended)
     status: int = 0
     reported: Usage | None = None  # the upstream's usage as parsed
+    partial: Usage | None = None   # the input side a stream reported before it was cut
     problem: str | None = None     # why the upstream's usage could not be parsed
     count: Callable[[], int] = _nothing_to_count  # output tokens of the answer, by counting
     response: Any = None           # the answered response object (server-side state routes)
@@ -62,6 +65,11 @@ class Call:
     usage_source: UsageSource = UsageSource.NONE
     fee: int = 0  # built-in tool fees of the answer, pico-USD (gateway.bounds)
     upstream_seconds: float = 0.0
+
+    @property
+    def provider(self) -> str:
+        """The upstream's name, as the ledger's ``provider`` column records it."""
+        return self.upstream.name if self.upstream is not None else ""
 
     @property
     def endpoint(self) -> str:

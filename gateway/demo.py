@@ -35,6 +35,9 @@ AGENTS = [
     ("content-agent", "acme", "content", ["gpt-4o-mini", "gpt-4.1"], ["spring-launch", "blog"]),
     ("support-agent", "acme", "support", ["gpt-4o-mini", "o4-mini"], ["tickets"]),
     ("research-agent", "globex", "research", ["gpt-5", "o3"], ["market-scan", "spring-launch"]),
+    # Speaks the Anthropic Messages API (like Claude Code): a second provider, same budgets.
+    ("claude-agent", "globex", "coding", ["claude-haiku-4-5", "claude-sonnet-4-5"],
+     ["refactor", "spring-launch"]),
 ]
 PROMPTS = [
     "Draft a product announcement for the spring launch.",
@@ -74,7 +77,13 @@ def demo_config(directory: Path, upstream_url: str, keys: dict[str, str]) -> Pat
     price table shipped inside the package is used."""
     config = {
         "server": {"host": "127.0.0.1", "port": 8080},
-        "upstream": {"base_url": upstream_url, "api_key_env": "COSTWALL_DEMO_UPSTREAM_KEY"},
+        # Two providers, both played by the simulator: OpenAI models and Claude models.
+        "upstreams": [
+            {"name": "openai", "kind": "openai", "base_url": upstream_url,
+             "api_key_env": "COSTWALL_DEMO_UPSTREAM_KEY", "models": ["gpt-*", "o*"]},
+            {"name": "anthropic", "kind": "anthropic", "base_url": upstream_url,
+             "api_key_env": "COSTWALL_DEMO_UPSTREAM_KEY", "models": ["claude-*"]},
+        ],
         "database": "sqlite:///costwall.db",
         "logs_dir": "logs",
         "reports_dir": "reports",
@@ -123,19 +132,27 @@ def _caps() -> list[str]:
 
 async def simulated_agent(base: str, key: str, models: list[str], campaigns: list[str],
                           rng: random.Random) -> None:
-    """Send chat requests forever, some streaming, with attribution headers."""
+    """Send requests forever, some streaming, with attribution headers: chat completions,
+    or the Messages API the way Claude Code sends it (``x-api-key``, ``anthropic-version``)
+    for Claude models."""
     async with aiohttp.ClientSession() as session:
         while True:
             stream = rng.random() < 0.3
-            body = {"model": rng.choice(models), "stream": stream,
+            model = rng.choice(models)
+            body = {"model": model, "stream": stream,
                     "max_tokens": rng.choice([64, 256, 1024]),
                     "messages": [{"role": "user", "content": rng.choice(PROMPTS)}]}
-            headers = {"Authorization": f"Bearer {key}",
-                       "X-Costwall-Campaign": rng.choice(campaigns),
+            headers = {"X-Costwall-Campaign": rng.choice(campaigns),
                        "X-Costwall-Task": f"task-{rng.randint(1, 40)}",
                        "X-Costwall-User": rng.choice(USERS)}
+            if model.startswith("claude-"):
+                path = "messages"
+                headers |= {"x-api-key": key, "anthropic-version": "2023-06-01"}
+            else:
+                path = "chat/completions"
+                headers["Authorization"] = f"Bearer {key}"
             with contextlib.suppress(aiohttp.ClientError):
-                async with session.post(f"{base}/v1/chat/completions", json=body,
+                async with session.post(f"{base}/v1/{path}", json=body,
                                         headers=headers) as resp:
                     await resp.read()
             await asyncio.sleep(rng.uniform(0.5, 2.0))
@@ -204,7 +221,7 @@ costwall demo is running (state in {directory})
 
   Admin UI      {base}/admin          admin token:   {stored['admin']}
                                              finance token: {stored['finance']}
-  Proxy         {base}/v1             (simulated OpenAI upstream at {upstream_url})
+  Proxy         {base}/v1             (simulated OpenAI and Anthropic at {upstream_url})
   Metrics       {base}/metrics
   Invoices      {base}/admin/invoices   or: costwall invoice --config {config}
 
@@ -217,6 +234,10 @@ Monthly caps (campaign market-scan is tiny: expect its first 402 within a minute
 Point an agent at it:
   export OPENAI_BASE_URL={base}/v1
   export OPENAI_API_KEY={first_key}
+or Claude Code / the anthropic SDK:
+  export ANTHROPIC_BASE_URL={base}
+  export ANTHROPIC_AUTH_TOKEN={stored['keys']['claude-agent']}
 
-{"Three simulated agents are sending traffic; " if agents else ""}press Ctrl-C to stop.
+{"Four simulated agents (OpenAI and Anthropic) are sending traffic; " if agents else ""}\
+press Ctrl-C to stop.
 """, flush=True)

@@ -4,8 +4,7 @@ The proxy never branches on an endpoint's name: it looks the route up here once 
 (``BY_PATH``) and asks the entry. The routes it serves (``POST /v1/<path>``) are exactly the
 entries of ``ROUTES``.
 
-Adding a route (next: ``/v1/messages`` for Anthropic) is one new ``Endpoint`` in ``ROUTES``
-plus its tests. An entry needs:
+Adding a route is one new ``Endpoint`` in ``ROUTES`` plus its tests. An entry needs:
 
 - ``name``: the label stored in the ledger's ``endpoint`` column and in metrics (short, stable);
 - ``path``: the path under ``/v1`` it is served at, forwarded as is to the upstream;
@@ -25,7 +24,13 @@ plus its tests. An entry needs:
   answered response is parsed to remember its token total, and a queued answer is charged its
   bound;
 - ``tool_fees``: built-in tools may add per-call fees: its estimator may return a tool bound
-  (``Estimate.tools``), reserved at admission and settled by ``gateway.settlement``.
+  (``Estimate.tools``), reserved at admission and settled by ``gateway.settlement``;
+- ``kind``: the upstream kind it speaks (``gateway.providers``): its models must be routed to
+  an upstream of that kind, and errors costwall answers on it take that kind's shape;
+- ``count``: ``(text, price, estimate) -> tokens`` of generated text, for answers without a
+  believable usage (tiktoken for OpenAI; UTF-8 bytes, an upper bound, for Anthropic);
+- ``countable``: whether such a count alone may price an answer (no tokenizer for Anthropic
+  ships offline: an answer that reports nothing is charged its reserved bound).
 """
 
 from __future__ import annotations
@@ -34,7 +39,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import estimate, usage
+from gateway import estimate, messages, tokens, usage
+from gateway.estimate import Estimate
+from gateway.pricing import ModelPrice
+from gateway.providers import ANTHROPIC, OPENAI, UpstreamKind
+
+
+def count_tiktoken(text: str, price: ModelPrice, est: Estimate) -> int:
+    """Tokens of ``text`` in the model's tiktoken encoding."""
+    return tokens.count_text(text, tokens.encoding(price.encoding))
+
+
+def count_bytes(text: str, price: ModelPrice, est: Estimate) -> int:
+    """An upper bound of the tokens of ``text`` without its tokenizer: one per UTF-8 byte,
+    at most the request's output bound (the upstream stops there)."""
+    return min(len(text.encode("utf-8", "surrogatepass")), est.total_output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +74,9 @@ class Endpoint:
     ask_stream_usage: bool = False
     server_state: bool = False
     tool_fees: bool = False
+    kind: UpstreamKind = OPENAI
+    count: Callable[[str, ModelPrice, Estimate], int] = count_tiktoken
+    countable: bool = True
 
 
 CHAT = Endpoint(
@@ -71,9 +93,20 @@ RESPONSES = Endpoint(
     "responses", "responses", estimate.estimate_responses, estimate.RESPONSES_OUTPUT_FIELDS,
     usage.RESPONSES_USAGE, usage.output_text, server_state=True, tool_fees=True)
 
-ROUTES: tuple[Endpoint, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+MESSAGES = Endpoint(
+    "messages", "messages", messages.estimate_messages, messages.OUTPUT_FIELDS,
+    usage.MESSAGES_USAGE, usage.messages_text, kind=ANTHROPIC, count=count_bytes,
+    countable=False)
+
+ROUTES: tuple[Endpoint, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES)
 BY_PATH: Mapping[str, Endpoint] = {route.path: route for route in ROUTES}
 BY_NAME: Mapping[str, Endpoint] = {route.name: route for route in ROUTES}
 NAMES: tuple[str, ...] = tuple(route.name for route in ROUTES)
 # The aiohttp route pattern of every path (``{endpoint:<PATTERN>}``).
 PATTERN = "|".join(route.path for route in ROUTES)
+# Forwarded without being charged or budgeted (still authenticated): path -> kind.
+FREE_ROUTES: Mapping[str, UpstreamKind] = {"messages/count_tokens": ANTHROPIC}
+# The kind whose error shape each served path answers in (OpenAI's elsewhere under /v1).
+ERROR_KINDS: Mapping[str, UpstreamKind] = {
+    **{f"/v1/{route.path}": route.kind for route in ROUTES},
+    **{f"/v1/{path}": kind for path, kind in FREE_ROUTES.items()}}

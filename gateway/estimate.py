@@ -10,7 +10,7 @@ types are validated here so bad input becomes a 400, not a 500.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import bounds, tokens
@@ -31,6 +31,10 @@ class Estimate:
     choices: int = 1
     output_field: str | None = None  # the body field to lower when clamping
     tools: bounds.ToolBound | None = None  # built-in tools: fees and max_tool_calls
+    # A fee bound the answer's usage settles itself (Anthropic web searches), pico-USD.
+    extra_fee: int = 0
+    # Body fields to forward changed, so the upstream enforces what the bound assumed.
+    set_fields: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def total_output(self) -> int:
@@ -39,7 +43,7 @@ class Estimate:
     @property
     def fee(self) -> int:
         """Bound of the request's tool fees in pico-USD."""
-        return self.tools.fee_bound if self.tools is not None else 0
+        return (self.tools.fee_bound if self.tools is not None else 0) + self.extra_fee
 
 
 def _positive_int(payload: Mapping[str, Any], name: str) -> int | None:

@@ -1,4 +1,5 @@
-"""An offline, deterministic OpenAI-compatible upstream for tests, the demo and benchmarks.
+"""An offline, deterministic OpenAI-compatible upstream for tests, the demo and benchmarks;
+it also speaks the Anthropic Messages API (``gateway.fake_anthropic``).
 
 The gateway is only as trustworthy as the checks against it, so this simulator reports usage
 computed with exactly the functions in :mod:`gateway.tokens`: prompt tokens are the gateway's own
@@ -31,7 +32,7 @@ import orjson
 import tiktoken
 from aiohttp import web
 
-from gateway import tokens
+from gateway import fake_anthropic, tokens
 
 DEFAULT_CHAT_TOKENS = 24  # answer length when the request sets no output limit
 DEFAULT_COMPLETION_TOKENS = 16  # legacy /v1/completions default max_tokens
@@ -85,6 +86,11 @@ class FakeUpstreamState:
     omit_usage: bool = False
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    # Anthropic prompt caching (``gateway.fake_anthropic``): cache writes per answer.
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    cache_write_unsplit_tokens: int = 0
+    require_key: bool = True  # False: a keyless self-hosted server (vLLM, Ollama)
     max_records: int = 10_000
     requests: list[Obj] = field(default_factory=list)
     total_requests: int = 0
@@ -111,6 +117,8 @@ _KNOB_TYPES: dict[str, tuple[tuple[type, ...], bool, float]] = {
     "retry_after": ((str, int), True, 0), "cut_stream_after": ((int,), True, 0),
     "omit_usage": ((bool,), False, 0), "cached_tokens": ((int,), False, 0),
     "reasoning_tokens": ((int,), False, 0), "max_records": ((int,), False, 1),
+    "cache_write_5m_tokens": ((int,), False, 0), "cache_write_1h_tokens": ((int,), False, 0),
+    "cache_write_unsplit_tokens": ((int,), False, 0), "require_key": ((bool,), False, 0),
 }
 STATE_KEY = web.AppKey("fake_upstream_state", FakeUpstreamState)
 Handler = Callable[[web.Request, FakeUpstreamState, Any], Awaitable[web.StreamResponse]]
@@ -262,7 +270,7 @@ def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamR
         if len(state.requests) > state.max_records:
             del state.requests[: len(state.requests) - state.max_records // 2]
         auth = headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or not auth[7:].strip():
+        if state.require_key and (not auth.startswith("Bearer ") or not auth[7:].strip()):
             return _error(401, "Incorrect API key provided. You must pass a non-empty bearer key.")
         if state.delay_s > 0:
             await asyncio.sleep(state.delay_s)
@@ -576,6 +584,9 @@ def create_fake_upstream(state: FakeUpstreamState | None = None) -> web.Applicat
     add("POST", "/v1/responses", _endpoint(_responses))
     add("GET", "/v1/models", _endpoint(_models))
     add("GET", "/v1/models/{model}", _endpoint(_models))
+    # /v1/messages and /v1/messages/count_tokens, sharing this side's helpers.
+    fake_anthropic.add_routes(app, fake_anthropic.Kit(STATE_KEY, _Headers, _generate, _seed,
+                                                      _chunks, _sse))
     add("*", "/_fake/config", _config)
     add("POST", "/_fake/reset", _reset)
     add("GET", "/_fake/requests", _recorded)

@@ -7,7 +7,7 @@ never sees a virtual key, and agents never see the upstream key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 HOP_BY_HOP = frozenset({
     "connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade",
@@ -16,8 +16,8 @@ HOP_BY_HOP = frozenset({
 # Replaced or recomputed by the gateway, or meaningful only to it. The body is forwarded
 # uncompressed (the server inflated a gzip/deflate body), so its Content-Encoding goes too.
 _REQUEST_DROP = HOP_BY_HOP | {
-    "host", "authorization", "content-length", "accept-encoding", "cookie", "content-encoding",
-    "openai-organization", "openai-project", "x-forwarded-for", "forwarded",
+    "host", "authorization", "x-api-key", "content-length", "accept-encoding", "cookie",
+    "content-encoding", "openai-organization", "openai-project", "x-forwarded-for", "forwarded",
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date"}
 
@@ -41,10 +41,20 @@ def _split(
     return kept, named
 
 
+def _bearer(key: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {key}")]
+
+
 def upstream_request_headers(
-    headers: Iterable[tuple[str, str]], upstream_key: str | None
+    headers: Iterable[tuple[str, str]], upstream_key: str | None,
+    auth: Callable[[str], list[tuple[str, str]]] = _bearer,
 ) -> list[tuple[str, str]]:
-    """Client headers to send upstream: hop-by-hop and costwall's own dropped, key swapped."""
+    """Client headers to send upstream: hop-by-hop and costwall's own dropped, key swapped.
+
+    Both places a client may put its virtual key (``Authorization``, ``x-api-key``) are
+    dropped; ``auth`` presents the gateway's key the upstream's way (``gateway.providers``).
+    Everything else passes, ``anthropic-version`` and ``anthropic-beta`` included.
+    """
     kept, named = _split(headers, _REQUEST_DROP)
     out = [
         (name, value)
@@ -54,7 +64,7 @@ def upstream_request_headers(
     # Ask for an uncompressed body: the gateway reads usage from it and relays it as is.
     out.append(("Accept-Encoding", "identity"))
     if upstream_key:
-        out.append(("Authorization", f"Bearer {upstream_key}"))
+        out.extend(auth(upstream_key))
     return out
 
 

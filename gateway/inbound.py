@@ -14,8 +14,10 @@ import orjson
 from aiohttp import web
 
 from gateway.config import VirtualKey
+from gateway.config.upstreams import UpstreamEntry
 from gateway.errors import BadRequest, Forbidden, PayloadTooLarge, UnknownModel, UnsupportedEncoding
 from gateway.pricing import ModelPrice
+from gateway.providers import OPENAI, UpstreamKind
 
 if TYPE_CHECKING:
     from gateway.services import Gateway
@@ -88,13 +90,31 @@ def _header(request: web.Request, name: str) -> str | None:
     return value
 
 
-def resolve_model(gw: Gateway, payload: dict[str, Any]) -> tuple[str, ModelPrice]:
+def route_model(gw: Gateway, payload: dict[str, Any], kind: UpstreamKind
+                ) -> tuple[str, UpstreamEntry]:
+    """The model a request names and the upstream that serves it, which must speak ``kind``
+    (400 naming the model otherwise: nothing is translated between APIs)."""
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("You must provide a model parameter.", param="model")
     if len(model) > _MODEL_MAX:  # it is stored per request and cached by the price lookup
         raise BadRequest(f"The model name is longer than {_MODEL_MAX} characters.",
                          param="model")
+    upstream = gw.router.route(model)
+    if upstream is None:
+        raise UnknownModel(f"The model '{model[:100]}' is not served by any upstream "
+                           "costwall is configured with (upstreams[].models).", param="model")
+    if upstream.kind != kind.name:
+        raise BadRequest(f"The model '{model[:100]}' is served by upstream '{upstream.name}' "
+                         f"({upstream.kind} API), which does not serve this endpoint.",
+                         param="model")
+    return model, upstream
+
+
+def resolve_model(gw: Gateway, payload: dict[str, Any],
+                  kind: UpstreamKind = OPENAI) -> tuple[str, ModelPrice, UpstreamEntry]:
+    """The model, its price and its upstream; 400 for a model costwall cannot budget."""
+    model, upstream = route_model(gw, payload, kind)
     price = gw.prices.lookup(model)
     if price is None and gw.settings.unknown_model != "reject":
         price = gw.prices.lookup(gw.settings.unknown_model)
@@ -102,7 +122,7 @@ def resolve_model(gw: Gateway, payload: dict[str, Any]) -> tuple[str, ModelPrice
         raise UnknownModel(
             f"The model '{model[:100]}' has no price in costwall's price table, so it "
             "cannot be budgeted.", param="model")
-    return model, price
+    return model, price, upstream
 
 
 def requested_override(request: web.Request, key: VirtualKey) -> str | None:

@@ -28,15 +28,21 @@ class KeyRing:
             *(k.agents - {"*"} for k in by_hash.values()))
         self.names = frozenset(k.name for k in by_hash.values())
 
-    def authenticate(self, authorization: str | None) -> VirtualKey:
-        """The key behind an ``Authorization: Bearer`` header, or 401."""
-        if not authorization or not authorization[:7].lower() == "bearer ":
+    def authenticate(self, authorization: str | None,
+                     api_key: str | None = None) -> VirtualKey:
+        """The key behind an ``Authorization: Bearer`` header, else an ``x-api-key`` header
+        (how the ``anthropic`` SDK and Claude Code send it), or 401."""
+        if authorization and authorization[:7].lower() == "bearer ":
+            secret = authorization[7:].strip()
+        elif not authorization and api_key and api_key.strip():
+            secret = api_key.strip()
+        else:
             raise Unauthorized(
                 "Missing API key. Send your costwall virtual key as 'Authorization: Bearer "
-                "<key>'."
+                "<key>' (or as 'x-api-key: <key>')."
             )
         try:
-            digest = hash_key(authorization[7:].strip())
+            digest = hash_key(secret)
         except UnicodeEncodeError:  # bytes that are not UTF-8 cannot be a key
             digest = ""
         key = self._by_hash.get(digest)

@@ -19,7 +19,7 @@ USAGE_SOURCES = ("upstream", "counted", "reserved", "none", "invalid")
 # Usage report groups and the ledger column each one reads ("day" is computed from ``ts``).
 GROUP_COLUMNS = {"tenant": "tenant", "agent": "agent", "campaign": "campaign", "model": "model",
                  "day": "ts", "key_name": "key_name", "task": "task", "state": "state",
-                 "user": "end_user"}
+                 "user": "end_user", "provider": "provider"}
 GROUP_BY = tuple(GROUP_COLUMNS)
 
 

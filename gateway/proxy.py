@@ -26,7 +26,7 @@ from aiohttp import web
 from gateway.bounds import SeenResponses
 from gateway.budget import ClampRequest, scopes_for
 from gateway.call import Call
-from gateway.endpoints import BY_PATH, PATTERN, Endpoint
+from gateway.endpoints import BY_PATH, FREE_ROUTES, PATTERN, Endpoint
 from gateway.errors import (
     BadRequest,
     BudgetExceeded,
@@ -50,8 +50,8 @@ from gateway.pricing import Usage
 from gateway.ratelimit import tighter_than, used_tokens
 from gateway.services import GATEWAY, Gateway
 from gateway.settlement import LEDGER_MAX_COST, Charge, UsageSource, decide, output_items
-from gateway.tokens import count_text, encoding
 from gateway.upstream import (
+    handle_free,
     handle_models,
     is_stream,
     json_or_none,
@@ -74,9 +74,10 @@ _NO_USAGE = Usage()
 # -- request stages ---------------------------------------------------------------------------
 async def admit(gw: Gateway, request: web.Request, route: Endpoint) -> Call:
     """Authenticate, read, attribute, estimate and reserve; raises before forwarding."""
-    key = gw.keys.authenticate(request.headers.get("Authorization"))
+    key = gw.keys.authenticate(request.headers.get("Authorization"),
+                               request.headers.get("x-api-key"))
     body, payload = await read_payload(request, gw.settings.max_body_bytes)
-    model, price = resolve_model(gw, payload)
+    model, price, upstream = resolve_model(gw, payload, route.kind)
     if price.kind != route.model_kind:
         raise BadRequest(f"The model '{model[:100]}' does not support this endpoint.",
                          param="model")
@@ -89,7 +90,8 @@ async def admit(gw: Gateway, request: web.Request, route: Endpoint) -> Call:
     else:
         est = route.estimate(payload, price, seen, max_calls)
     call = Call(request[REQUEST_ID_KEY], time.perf_counter(), route, key, agent, campaign,
-                task, model, price, payload, body, est, payload.get("stream") is True, user)
+                task, model, price, payload, body, est, payload.get("stream") is True, user,
+                upstream)
     if gw.rates is not None:  # before the budget: a 429 is never reserved, sent or charged
         await gw.rates.admit(call)
     try:
@@ -119,7 +121,8 @@ async def reserve(gw: Gateway, call: Call, override_reason: str | None) -> None:
     clamp = None
     if est.output_field and est.output_tokens:
         clamp = ClampRequest(price.upper_bound(est.prompt_tokens, 0, tier, est.fee),
-                             price.upper_bound(0, 1, tier), est.output_tokens, est.choices)
+                             price.output_price_bound(est.prompt_tokens, tier),
+                             est.output_tokens, est.choices)
     scopes = scopes_for(key.tenant, call.agent, call.campaign, key.name, call.user)
     try:
         call.reservation = await gw.budgets.reserve(scopes, amount, clamp=clamp)
@@ -134,9 +137,11 @@ async def reserve(gw: Gateway, call: Call, override_reason: str | None) -> None:
 
 
 def rewrite_body(call: Call) -> None:
-    """The body to forward: the clamped output field, the ``max_tool_calls`` the bound
-    assumed (the upstream enforces it), and stream usage asked for on the client's behalf."""
-    payload, est, changed = call.payload, call.estimate, False
+    """The body to forward: the clamped output field, the ``max_tool_calls`` (or other
+    fields, ``Estimate.set_fields``) the bound assumed (the upstream enforces them), and
+    stream usage asked for on the client's behalf."""
+    payload, est, changed = call.payload, call.estimate, bool(call.estimate.set_fields)
+    payload.update(est.set_fields)
     assert call.reservation is not None
     if call.reservation.clamped_tokens is not None and est.output_field:
         payload[est.output_field] = call.reservation.clamped_tokens
@@ -166,7 +171,7 @@ async def record_pending(gw: Gateway, call: Call) -> None:
         key_name=call.key.name, agent=call.agent, campaign=call.campaign, task=call.task,
         model=call.model, endpoint=call.route.name, stream=call.stream,
         reserved=call.reservation.amount, override=call.override_reason is not None,
-        override_reason=call.override_reason, end_user=call.user,
+        override_reason=call.override_reason, end_user=call.user, provider=call.provider,
     )
     try:
         await gw.ledger.begin(call.entry, call.reservation)
@@ -200,15 +205,16 @@ async def forward(gw: Gateway, request: web.Request, call: Call) -> web.StreamRe
     An exception after sending leaves ``call.answered`` False: the upstream may have
     processed the request, so it is settled at its reserved bound.
     """
-    settings = gw.settings
-    url = f"{settings.upstream_url}/{call.route.path}"
-    timeout = upstream_timeout(call.stream, settings.upstream_timeout_s,
-                               settings.upstream_connect_timeout_s)
-    headers = upstream_request_headers(request.headers.items(), settings.upstream_key)
+    target, kind = call.upstream, call.route.kind
+    assert target is not None
+    url = kind.url(target.base_url, call.route.path)
+    timeout = upstream_timeout(call.stream, target.timeout_s, target.connect_timeout_s)
+    headers = upstream_request_headers(request.headers.items(), target.api_key, kind.auth)
     sent = time.perf_counter()
     call.sent = True
     try:
-        upstream = await gw.session.post(url, data=call.body, headers=headers, timeout=timeout)
+        upstream = await gw.sessions[target.name].post(url, data=call.body, headers=headers,
+                                                       timeout=timeout)
     except aiohttp.ClientConnectorError as exc:  # nothing reached the upstream: costs nothing
         call.sent = False
         raise UpstreamUnavailable(f"The upstream API is unreachable ({type(exc).__name__}).") \
@@ -247,23 +253,24 @@ def body_answered(call: Call, body: bytes) -> None:
         call.problem = str(exc)
     if route.server_state:  # parsed once: for its id, token total, output items and text
         call.response = json_or_none(body)
-        call.count = lambda: count_text(route.answer_text(call.response),
-                                        encoding(call.price.encoding))
+        call.count = lambda: route.count(route.answer_text(call.response), call.price,
+                                         call.estimate)
     else:
-        call.count = lambda: count_text(route.answer_text(json_or_none(body)),
-                                        encoding(call.price.encoding))
+        call.count = lambda: route.count(route.answer_text(json_or_none(body)), call.price,
+                                         call.estimate)
     call.answered = True
 
 
 def relay_body(gw: Gateway, call: Call, upstream: aiohttp.ClientResponse,
                body: bytes) -> web.Response:
     """The client's copy of a whole answer, with costwall's headers and the settled cost."""
-    key = gw.settings.upstream_key
+    assert call.upstream is not None
+    key = call.upstream.api_key
     # All headers as one list: the response builds its header dict once from it.
     out = client_response_headers(upstream.headers.items(), key)
     out += _our_headers(gw, call, out)
     if upstream.status == 401:  # the upstream refused costwall's key, not the agent's
-        return upstream_auth_failed(gw.settings.upstream_key_env, out)
+        return upstream_auth_failed(call.upstream, call.route.kind, out)
     if upstream.status == 403:  # relayed as is, marked as the upstream's refusal
         out.append(("X-Costwall-Upstream-Auth", "forbidden"))
     response = web.Response(status=upstream.status, body=redact_key(body, key), headers=out)
@@ -278,7 +285,9 @@ async def relay_stream(
     gw: Gateway, request: web.Request, call: Call, upstream: aiohttp.ClientResponse
 ) -> web.StreamResponse:
     """Relay SSE chunk by chunk as it arrives; charge what was produced however it ends."""
-    headers = client_response_headers(upstream.headers.items(), gw.settings.upstream_key)
+    assert call.upstream is not None
+    key = call.upstream.api_key
+    headers = client_response_headers(upstream.headers.items(), key)
     headers += _our_headers(gw, call, headers)
     response = web.StreamResponse(status=upstream.status, headers=headers)
     response.headers["Cache-Control"] = "no-cache"
@@ -286,7 +295,6 @@ async def relay_stream(
     meter = StreamMeter(call.route.usage, strip_usage_chunk=call.strip_usage)
     # The meter hands out whole events only, so an echoed upstream key never straddles two
     # writes: redacting each write catches it (one substring search per write).
-    key = gw.settings.upstream_key
     client_alive, upstream_cut = True, False
     await response.prepare(request)
     first = time.perf_counter()
@@ -310,7 +318,8 @@ async def relay_stream(
         tail = meter.finish()
         # However it ended, what was produced is charged: the usage, else the text counted.
         call.reported, call.problem, call.response = meter.usage, meter.invalid, meter.response
-        call.count = lambda: count_text(meter.streamed_text, encoding(call.price.encoding))
+        call.partial = meter.partial
+        call.count = lambda: call.route.count(meter.streamed_text, call.price, call.estimate)
         call.answered = True
         settle(gw, call)
     if upstream_cut and request.transport is not None:
@@ -345,7 +354,8 @@ def settle(gw: Gateway, call: Call) -> None:
         status=call.status, reported=call.reported, problem=call.problem, count=call.count,
         price=call.price, estimate=call.estimate, tier=_tier(call.payload),
         output=output_items(call.response),
-        queued=call.route.server_state and call.payload.get("background") is True)
+        queued=call.route.server_state and call.payload.get("background") is True,
+        partial=call.partial, countable=call.route.countable)
     call.usage, call.usage_source, call.fee = charge.usage, charge.source, charge.fee
     if call.rate is not None:  # the slot is freed and the token bound corrected, once
         call.rate.close(call.sent, used_tokens(charge))
@@ -397,7 +407,10 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
 
 
 def setup_routes(app: web.Application) -> None:
-    """POST /v1/<path> for every route of the endpoint table, GET /v1/models[/id]."""
+    """POST /v1/<path> for every route of the endpoint table, the free routes
+    (``/v1/messages/count_tokens``), GET /v1/models[/id]."""
     app.router.add_post(f"/v1/{{endpoint:{PATTERN}}}", handle_api)
+    for path in FREE_ROUTES:
+        app.router.add_post(f"/v1/{path}", handle_free)
     app.router.add_get("/v1/{tail:models(/[^{}]+)?}", handle_models)
 

@@ -30,6 +30,7 @@ from gateway.metrics import Metrics
 from gateway.money import PICO_PER_USD, format_usd
 from gateway.pricing import PriceTable
 from gateway.rates import Rates
+from gateway.routing import Router
 from gateway.store.interfaces import Ledger
 
 if TYPE_CHECKING:
@@ -85,6 +86,10 @@ class Gateway:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     overrides: Overrides = field(default_factory=Overrides)
     session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set at startup
+    # One pooled session per upstream (``upstreams[].name``), set at startup; ``session`` is
+    # the first one's.
+    sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
+    router: Router = None  # type: ignore[assignment]  # set by ``build_gateway``
     inflight: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     # Starts the task that follows admin changes made by other replicas (shared stores).

@@ -17,13 +17,17 @@ The rules, in order:
   (``invalid``);
 - no usage: an error answer costs nothing (``none``); a queued background answer is charged
   its bound (``reserved``); otherwise the counted answer plus tool fees (``counted``);
+- counting: a stream whose start reported its input side (``partial``: Anthropic's
+  ``message_start``) is charged that input exactly plus its output counted, never below the
+  output tokens it reported so far; a route that cannot count (``countable`` False: no
+  tokenizer for it ships offline) is charged its reserved bound instead;
 - a cost past what the ledger can hold is not believed either: the bound (``invalid``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -69,12 +73,15 @@ class Charge:
 def decide(*, reserved: int, sent: bool, answered: bool, status: int,
            reported: Usage | None, problem: str | None, count: Callable[[], int],
            price: ModelPrice, estimate: Estimate, tier: str | None = None,
-           output: Any = None, queued: bool = False) -> Charge:
+           output: Any = None, queued: bool = False, partial: Usage | None = None,
+           countable: bool = True) -> Charge:
     """The charge of a request reserved at ``reserved`` pico-USD, from what is known.
 
     ``reported`` is the upstream's parsed usage (``problem``: why it could not be parsed);
     ``count`` counts the answer's output tokens, called only when no report is believed.
     ``output`` is the answer's output items (tool fees); ``queued``: a background answer.
+    ``partial``: the input side the upstream reported before the answer was cut;
+    ``countable``: whether ``count`` alone may price an answer with no usage.
 
     >>> from gateway.pricing import ModelPrice
     >>> from gateway.estimate import Estimate
@@ -97,17 +104,32 @@ def decide(*, reserved: int, sent: bool, answered: bool, status: int,
         problems = (problem,)
         if status >= 400:
             return Charge(0, None, UsageSource.NONE, problems=problems)
-        out = count()
-        if out <= 0:  # nothing to count: never under the bound
-            return Charge(reserved, None, UsageSource.INVALID, problems=problems)
-        return _priced(reserved, Usage(estimate.prompt_tokens, completion_tokens=out),
-                       UsageSource.INVALID, price, estimate, tier, status, output, problems)
+        return _counted(reserved, count, UsageSource.INVALID, price, estimate, tier, status,
+                        output, problems, partial, countable)
     if status >= 400:
         return Charge(0, None, UsageSource.NONE)
     if queued:  # the upstream bills it later, out of costwall's sight
         return Charge(reserved, None, UsageSource.RESERVED)
-    return _priced(reserved, Usage(estimate.prompt_tokens, completion_tokens=count()),
-                   UsageSource.COUNTED, price, estimate, tier, status, output)
+    return _counted(reserved, count, UsageSource.COUNTED, price, estimate, tier, status, output,
+                    (), partial, countable)
+
+
+def _counted(reserved: int, count: Callable[[], int], source: UsageSource, price: ModelPrice,
+             estimate: Estimate, tier: str | None, status: int, output: Any,
+             problems: tuple[str, ...], partial: Usage | None, countable: bool) -> Charge:
+    """The charge of an answer without a believable usage: counted, or the bound."""
+    if partial is not None and check_usage(partial, usage_bounds(price, estimate)) is None:
+        out = max(partial.completion_tokens, count())
+        return _priced(reserved, replace(partial, completion_tokens=out), source, price,
+                       estimate, tier, status, output, problems)
+    if not countable:  # nothing reported that could be priced: never under the bound
+        kept = UsageSource.INVALID if problems else UsageSource.RESERVED
+        return Charge(reserved, None, kept, problems=problems)
+    out = count()
+    if out <= 0 and problems:  # nothing to count: never under the bound
+        return Charge(reserved, None, source, problems=problems)
+    return _priced(reserved, Usage(estimate.prompt_tokens, completion_tokens=out), source,
+                   price, estimate, tier, status, output, problems)
 
 
 def _priced(reserved: int, usage: Usage, source: UsageSource, price: ModelPrice,

@@ -14,6 +14,7 @@ import sqlite3
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config import Settings, is_loopback_url
+from gateway.config.upstreams import resolved
 from gateway.pricing import PriceTable, load_price_table
 from gateway.store.urls import backend_of
 
@@ -55,16 +56,17 @@ def require_upstream_key(settings: Settings) -> None:
     """Refuse to forward to a remote upstream without the gateway's own key: every request
     would come back 401 and agents would blame their virtual keys. A keyless upstream is
     declared with ``api_key_env: ""``; one on this machine (a local model server, the
-    simulator) is let through."""
-    upstream = settings.upstream
-    if upstream.api_key or not upstream.api_key_env:
-        return
-    if is_loopback_url(upstream.base_url):
-        return
-    raise StartupError(
-        f"environment variable {upstream.api_key_env} (the gateway's key for "
-        f"{upstream.base_url}) is not set; set it, or declare a keyless upstream with "
-        "upstream.api_key_env: \"\"")
+    simulator) is let through. Checked for every upstream."""
+    for upstream in resolved(settings):
+        if upstream.api_key or not upstream.api_key_env:
+            continue
+        if is_loopback_url(upstream.base_url):
+            continue
+        where = "upstream" if not settings.upstreams else f"upstreams '{upstream.name}'"
+        raise StartupError(
+            f"environment variable {upstream.api_key_env} (the gateway's key for "
+            f"{upstream.base_url}) is not set; set it, or declare a keyless upstream with "
+            f"api_key_env: \"\" ({where})")
 
 
 def require_free_port(host: str, port: int) -> None:

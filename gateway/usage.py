@@ -141,6 +141,44 @@ def usage_from_responses(usage: Any) -> Usage | None:
                   "input_tokens_details", "output_tokens_details")
 
 
+def usage_from_messages(usage: Any) -> Usage | None:
+    """Anthropic Messages usage, in ``Usage``'s terms.
+
+    ``input_tokens`` excludes cache reads and writes: the whole input (``prompt_tokens``) is
+    ``input_tokens + cache_creation_input_tokens + cache_read_input_tokens``; cache reads are
+    ``cached_tokens``. Cache writes are split by ``cache_creation`` into 5-minute and 1-hour
+    writes; creation tokens the split does not cover (server tools can report more in the
+    total than in the split) are 5-minute writes, never free. ``output_tokens`` includes
+    thinking (``output_tokens_details.thinking_tokens``, kept as reasoning tokens).
+
+    >>> u = usage_from_messages({"input_tokens": 3, "output_tokens": 5,
+    ...     "cache_creation_input_tokens": 10, "cache_read_input_tokens": 20,
+    ...     "cache_creation": {"ephemeral_5m_input_tokens": 2, "ephemeral_1h_input_tokens": 4}})
+    >>> (u.prompt_tokens, u.cached_tokens, u.cache_write_5m_tokens, u.cache_write_1h_tokens)
+    (33, 20, 6, 4)
+    """
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        raise InvalidUsage("usage is not an object")
+    input_ = _count(usage, "input_tokens", required=True)
+    output = _count(usage, "output_tokens", required=True)
+    creation = _count(usage, "cache_creation_input_tokens", required=False)
+    read = _count(usage, "cache_read_input_tokens", required=False)
+    split_5m = _details(usage, "cache_creation", "ephemeral_5m_input_tokens")
+    split_1h = _details(usage, "cache_creation", "ephemeral_1h_input_tokens")
+    creation = max(creation, split_5m + split_1h)  # a split beyond the total: never under
+    thinking = _details(usage, "output_tokens_details", "thinking_tokens")
+    if thinking > output:
+        raise InvalidUsage("thinking tokens exceed output tokens")
+    searches = _details(usage, "server_tool_use", "web_search_requests")
+    geo = usage.get("inference_geo")
+    return Usage(prompt_tokens=input_ + creation + read, cached_tokens=read,
+                 completion_tokens=output, reasoning_tokens=thinking,
+                 cache_write_5m_tokens=creation - split_1h, cache_write_1h_tokens=split_1h,
+                 web_search_requests=searches, geo=geo if isinstance(geo, str) else "")
+
+
 def usage_from_body(api: str | UsageFormat, body: bytes) -> Usage | None:
     """Usage of a non-streaming response body, or None if it has none or is not JSON.
 
@@ -148,16 +186,21 @@ def usage_from_body(api: str | UsageFormat, body: bytes) -> Usage | None:
     but malformed, including a body that mentions ``"usage"`` but is not JSON that parses
     (orjson refuses integers past 64 bits).
     """
-    if b'"usage"' not in body:
+    fmt = api if isinstance(api, UsageFormat) else _BY_NAME[api]
+    if b'"usage"' not in body and not fmt.required:
         return None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
+        if fmt.required:  # a success status with a body that is not JSON reports nothing
+            raise InvalidUsage("the answer is not valid JSON") from None
         raise InvalidUsage("the answer carries a usage but is not valid JSON") from None
     if not isinstance(data, dict):
         return None
-    fmt = api if isinstance(api, UsageFormat) else _BY_NAME[api]
-    return fmt.parse(data.get("usage"))
+    usage = fmt.parse(data.get("usage"))
+    if usage is None and fmt.required and "type" in data and data.get("type") != "error":
+        raise InvalidUsage("the answer has no usage")
+    return usage
 
 
 def choices_text(data: Any) -> str:
@@ -182,6 +225,22 @@ def output_text(data: Any) -> str:
             for part in (item.get("content") or ()) if isinstance(item, Mapping) else ():
                 if isinstance(part, Mapping) and isinstance(part.get("text"), str):
                     texts.append(part["text"])
+    return "".join(texts)
+
+
+def messages_text(data: Any) -> str:
+    """The generated content of an Anthropic Messages answer: text, thinking and tool input
+    (for counting when the answer has no believable usage)."""
+    texts: list[str] = []
+    if isinstance(data, Mapping):
+        for block in data.get("content") or ():
+            if not isinstance(block, Mapping):
+                continue
+            for field in ("text", "thinking", "name"):
+                if isinstance(block.get(field), str):
+                    texts.append(block[field])
+            if block.get("input") is not None:
+                texts.append(orjson.dumps(block["input"]).decode())
     return "".join(texts)
 
 
@@ -355,6 +414,40 @@ class StreamMeter:
                 self._take(self.format.parse, response.get("usage"))
         return True
 
+    def messages_event(self, obj: dict[str, Any]) -> bool:
+        """An Anthropic Messages event: ``message_start`` (input usage so far), deltas (text,
+        thinking, tool input), ``message_delta`` (cumulative usage: it replaces what was known,
+        field by field, never adds)."""
+        kind = obj.get("type")
+        if kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                for field in ("text", "partial_json", "thinking"):
+                    if isinstance(delta.get(field), str):
+                        self.texts.append(delta[field])
+        elif kind == "message_start":
+            message = obj.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self._raw = dict(usage)
+                try:
+                    self.partial = self.format.parse(self._raw)
+                except InvalidUsage as exc:
+                    self.invalid = str(exc)
+        elif kind == "message_delta":
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                raw = dict(self._raw or {})
+                raw.update((k, v) for k, v in usage.items() if v is not None)
+                self._raw = raw
+                self._take(self.format.parse, raw)
+        return True
+
+    _raw: dict[str, Any] | None = None
+    # What a stream's ``message_start`` reported before its final usage: the input side,
+    # known exactly, for charging a stream cut before its end (``gateway.settlement``).
+    partial: Usage | None = None
+
     @property
     def streamed_text(self) -> str:
         return "".join(self.texts)
@@ -372,15 +465,18 @@ class UsageFormat:
     name: str
     parse: Callable[[Any], Usage | None]
     event: Callable[[StreamMeter, dict[str, Any]], bool]
+    required: bool = False  # the API always reports usage: an answer without one is malformed
 
 
 CHAT_USAGE = UsageFormat("chat", usage_from_chat, StreamMeter.chunk_event)
 EMBEDDINGS_USAGE = UsageFormat("embeddings", usage_from_embeddings, StreamMeter.chunk_event)
 RESPONSES_USAGE = UsageFormat("responses", usage_from_responses, StreamMeter.responses_event)
+MESSAGES_USAGE = UsageFormat("messages", usage_from_messages, StreamMeter.messages_event,
+                             required=True)
 # By name, for callers that name the API (``StreamMeter("chat")``); the request path passes
 # the format of its ``gateway.endpoints`` entry.
 _BY_NAME = {"chat": CHAT_USAGE, "completions": CHAT_USAGE, "embeddings": EMBEDDINGS_USAGE,
-            "responses": RESPONSES_USAGE}
+            "responses": RESPONSES_USAGE, "messages": MESSAGES_USAGE}
 
 
 def usage_format(api: str | UsageFormat) -> UsageFormat:

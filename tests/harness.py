@@ -113,6 +113,10 @@ def write_config(directory: Path, upstream_url: str, **overrides: Any) -> Path:
             config[key] = {**config[key], **value}
         else:
             config[key] = value
+    if "upstreams" in overrides:  # several upstreams replace the lone one; "{sim}" is ours
+        del config["upstream"]
+        config["upstreams"] = [{**u, "base_url": str(u["base_url"]).replace("{sim}", upstream_url)}
+                               for u in overrides["upstreams"]]
     path = directory / "costwall.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -120,6 +124,7 @@ def write_config(directory: Path, upstream_url: str, **overrides: Any) -> Path:
 
 def test_env(**extra: str) -> dict[str, str]:
     env = {"COSTWALL_TEST_UPSTREAM_KEY": "sk-upstream-secret",
+           "COSTWALL_TEST_ANTHROPIC_KEY": "sk-ant-upstream-secret",
            "COSTWALL_ADMIN_TOKEN": ADMIN_TOKEN, "COSTWALL_FINANCE_TOKEN": FINANCE_TOKEN}
     env.update(extra)
     return env
@@ -188,6 +193,21 @@ class Stack:
         kwargs.setdefault("max_retries", 0)
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=KEYS[key]["key"],
                                   timeout=30, **kwargs)
+
+    def anthropic(self, key: str = "acme-content", **kwargs: Any) -> Any:
+        """The official ``anthropic`` SDK's client, pointed at the gateway."""
+        import anthropic
+
+        kwargs.setdefault("max_retries", 0)
+        return anthropic.Anthropic(base_url=self.url, api_key=KEYS[key]["key"], timeout=30,
+                                   **kwargs)
+
+    def async_anthropic(self, key: str = "acme-content", **kwargs: Any) -> Any:
+        import anthropic
+
+        kwargs.setdefault("max_retries", 0)
+        return anthropic.AsyncAnthropic(base_url=self.url, api_key=KEYS[key]["key"],
+                                        timeout=30, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Response:
         return http_request(method, self.url + path, **kwargs)

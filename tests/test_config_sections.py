@@ -26,10 +26,11 @@ from gateway.config import (
 from gateway.config import budgets as budget_section
 from gateway.config import keys as key_section
 from gateway.config.settings import FLAT
+from gateway.config.upstreams import ENTRY_KEYS as UPSTREAM_ENTRY_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Keys the README's table names as a group, with their entries described in the meaning column.
-LIST_SECTIONS = {"keys"}
+LIST_SECTIONS = {"keys", "upstreams"}
 
 
 def readme_rows() -> list[list[str]]:
@@ -84,6 +85,8 @@ def test_readme_table_documents_every_declared_setting_and_nothing_else() -> Non
     keys_row = documented["keys"]
     for name in key_section.ENTRY_KEYS:
         assert f"`{name}`" in keys_row[3], name
+    for name in UPSTREAM_ENTRY_KEYS:  # every field of an upstreams entry is named
+        assert name in documented["upstreams"][3], name
 
 
 def test_every_declaration_has_help_and_a_default_that_passes_its_own_check() -> None:
@@ -101,7 +104,7 @@ def test_unknown_key_tables_are_derived_from_the_declarations_and_unchanged() ->
     by_hand = {
         "": frozenset({"server", "upstream", "database", "logs_dir", "reports_dir", "pricing",
                        "unknown_model", "admin", "budgets", "override", "keys", "logging",
-                       "limits", "invoices", "ledger", "alerts", "rate_limits"}),
+                       "limits", "invoices", "ledger", "alerts", "upstreams", "rate_limits"}),
         "alerts": frozenset({"channels", "rules", "allow_private_targets", "anomaly", "smtp"}),
         "server": frozenset({"host", "port"}),
         "upstream": frozenset({"base_url", "api_key_env", "timeout_s", "connect_timeout_s",
@@ -119,6 +122,8 @@ def test_unknown_key_tables_are_derived_from_the_declarations_and_unchanged() ->
         "logging": frozenset({"format", "level", "access"}),
         "invoices": frozenset({"company", "auto", "email_to"}),
         "override": frozenset({"allow"}),
+        "upstream_entry": frozenset({"name", "kind", "base_url", "api_key_env", "models",
+                                     "timeout_s", "connect_timeout_s", "max_connections"}),
         "rate_limits": frozenset({"global", "tenants", "agents", "keys", "users",
                                   "users_default", "on_store_error"}),
     }

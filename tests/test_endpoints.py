@@ -13,10 +13,11 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import bounds, endpoints, estimate, usage
+from gateway import bounds, endpoints, estimate, messages, usage
 from gateway.endpoints import BY_NAME, BY_PATH, ROUTES
 from gateway.estimate import Estimate
 from gateway.pricing import ModelPrice, Usage
+from gateway.providers import ANTHROPIC, OPENAI
 from gateway.proxy import setup_routes
 from gateway.settlement import LEDGER_MAX_COST, TOO_COSTLY, UsageSource, decide
 from gateway.usage import StreamMeter
@@ -41,6 +42,8 @@ def test_each_route_has_its_entry() -> None:
                        usage.no_text, "embedding", False, False, False),
         "responses": ("responses", estimate.estimate_responses, ("max_output_tokens",),
                       usage.RESPONSES_USAGE, usage.output_text, "chat", False, True, True),
+        "messages": ("messages", messages.estimate_messages, ("max_tokens",),
+                     usage.MESSAGES_USAGE, usage.messages_text, "chat", False, False, False),
     }
     assert set(BY_PATH) == set(want) and len(ROUTES) == len(want)
     for path, fields in want.items():
@@ -49,28 +52,34 @@ def test_each_route_has_its_entry() -> None:
                route.model_kind, route.ask_stream_usage, route.server_state, route.tool_fees)
         assert got == fields, path
         assert BY_NAME[route.name] is route
-    assert endpoints.NAMES == ("chat", "completions", "embeddings", "responses")
+    assert endpoints.NAMES == ("chat", "completions", "embeddings", "responses", "messages")
+    # The Anthropic route: its kind, no tokenizer (UTF-8 bytes bound a count), never
+    # priced by a count alone.
+    assert BY_PATH["messages"].kind is ANTHROPIC and not BY_PATH["messages"].countable
+    assert all(route.kind is OPENAI and route.countable for route in ROUTES[:4])
 
 
 def test_routes_registered_from_the_table() -> None:
     app = web.Application()
     setup_routes(app)
     posts = [r for r in app.router.routes() if r.method == "POST"]
-    assert len(posts) == 1
+    assert len(posts) == 2  # the table's pattern, and the free /v1/messages/count_tokens
     resource = posts[0].resource
     assert resource is not None
     pattern = resource.get_info()["pattern"]  # what aiohttp matches a request path with
     for route in ROUTES:
         match = pattern.fullmatch(f"/v1/{route.path}")
         assert match is not None and match["endpoint"] == route.path, route.path
-    for other in ("/v1/messages", "/v1/chat", "/v1/completions/x", "/v1/embeddings/../models"):
+    for other in ("/v1/messages/count_tokens", "/v1/chat", "/v1/completions/x",
+                  "/v1/embeddings/../models"):
         assert pattern.fullmatch(other) is None, other
 
 
 def test_by_name_helpers_follow_the_table() -> None:
     """``estimate("chat", ...)``, ``StreamMeter("chat")``: the same functions as the table."""
     for route in ROUTES:
-        assert estimate.ESTIMATORS[route.name] is route.estimate
+        # gateway.messages builds on Estimate, so estimate's by-name table cannot hold it.
+        assert estimate.ESTIMATORS.get(route.name, messages.estimate_messages) is route.estimate
         assert usage.usage_format(route.name) is route.usage
         assert usage.usage_format(route.usage) is route.usage
 
@@ -99,7 +108,8 @@ def test_only_tool_fee_routes_bound_tool_fees() -> None:
     """``tool_fees`` says which estimators may return a built-in tool bound."""
     tools = {"tools": [{"type": "web_search"}], "web_search_options": {}}
     bodies = {"chat/completions": {"messages": MSG}, "completions": {"prompt": "Say"},
-              "embeddings": {"input": "Say"}, "responses": {"input": "Say"}}
+              "embeddings": {"input": "Say"}, "responses": {"input": "Say"},
+              "messages": {"messages": MSG, "max_tokens": 10}}
     for route in ROUTES:
         price = EMBED if route.model_kind == "embedding" else PRICE
         est = route.estimate({"model": price.name, **bodies[route.path], **tools}, price, None, 4)

@@ -299,7 +299,7 @@ def test_closed_month_rounds_per_line_and_totals_match(env: tuple[Stack, Canary]
     assert "gpt-4o-mini 1 101 0 11 0.01" in text
     assert "o4-mini 1 103 0 13 0.00" in text
     assert text.count("Total 3 306 0 36 0.02") == 1  # the model table (with cached column)
-    assert text.count("Total 3 306 36 0.02") == 3  # campaign, agent, day
+    assert text.count("Total 3 306 36 0.02") == 4  # campaign, agent, provider, day
     assert "2025-03-03 2 203 23 0.01" in text and "2025-03-17 1 103 13 0.01" in text
     for name in ("Zoë Ωmega Привет", "Zoë-agent", "Привет", "lead=1", "(no campaign)"):
         assert name in text, name

@@ -178,6 +178,30 @@ def test_the_sdks_own_retry_honours_retry_after(rate_stack: Callable[..., Stack]
     assert stack.state.total_requests == 3
 
 
+def test_the_messages_route_is_limited_too_and_the_anthropic_sdk_waits(
+        rate_stack: Callable[..., Stack], clock: Clock) -> None:
+    """Rate limits are route-agnostic: Anthropic's Messages API counts in the same windows,
+    its 429 comes in Anthropic's error shape, and the anthropic SDK honours retry-after-ms."""
+    import anthropic
+
+    from tests.test_anthropic import ASK, MODEL, UPSTREAMS
+
+    stack = rate_stack(upstreams=UPSTREAMS, rate_limits={"keys": {KEY_LIMIT: {"rpm": 2}}})
+    client = stack.anthropic(KEY_LIMIT)
+    assert client.messages.create(model=MODEL, max_tokens=20, messages=ASK).content
+    assert chat(stack)[0] == 200  # the OpenAI route counts in the same window
+    with pytest.raises(anthropic.RateLimitError) as info:
+        client.messages.create(model=MODEL, max_tokens=20, messages=ASK)
+    body = info.value.body
+    assert body["type"] == "error" and body["error"]["code"] == "rate_limit_exceeded"
+    assert info.value.response.headers["retry-after"] == "61"
+    clock.set(T0.replace(microsecond=0) + timedelta(seconds=61 - 2.5), follow=True)
+    started = time.monotonic()
+    retrying = stack.anthropic(KEY_LIMIT, max_retries=2)
+    assert retrying.messages.create(model=MODEL, max_tokens=20, messages=ASK).content
+    assert 2.0 < time.monotonic() - started < 5.0
+
+
 def test_limits_of_every_scope_and_end_users(rate_stack: Callable[..., Stack]) -> None:
     stack = rate_stack(rate_limits={
         "tenants": {"globex": {"rpm": 1}}, "agents": {"ops": {"rpm": 1}},

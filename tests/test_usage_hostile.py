@@ -7,6 +7,7 @@ flags and audits what it must believe but did not reserve, and keeps every repor
 
 from __future__ import annotations
 
+import csv as csvlib
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
@@ -277,9 +278,8 @@ def test_overshoot_is_charged_flagged_audited_counted_and_shown(
     assert 'id="overshoot"' in page and "kind=overshoot" in page
     month = stack.gw.budgets.current_period()
     csv = stack.request("GET", f"/admin/invoices/{month}.csv", headers=BEARER).body.decode()
-    header, line = csv.splitlines()[:2]
-    assert header.endswith('"overshoot_usd","user"')
-    assert line.endswith(f'"{format_usd(row.overshoot)}",""')
+    header, line = csvlib.reader(csv.splitlines()[:2])
+    assert line[header.index("overshoot_usd")] == format_usd(row.overshoot)
     logs = stack.request("GET", "/admin/api/logs/overshoot", headers=BEARER).json()
     assert row.id in str(logs)
     assert row.id in stack.request("GET", "/admin/logs?kind=overshoot",

@@ -162,7 +162,7 @@ def test_a_new_end_user_is_hard_capped_from_the_first_request(tmp_path: Path,
         assert groups["brand-new-user"]["requests"] == 40 and groups["vip"]["requests"] == 45
         month = stack.gw.budgets.current_period()
         csv = stack.request("GET", f"/admin/invoices/{month}.csv", headers=ADMIN).body.decode()
-        assert csv.splitlines()[0].endswith('"user"') and '"brand-new-user"' in csv
+        assert '"user","provider"' in csv.splitlines()[0] and '"brand-new-user"' in csv
         metrics = stack.request("GET", "/metrics").body.decode()
         assert "brand-new-user" not in metrics and "vip" not in metrics
         page = stack.request("GET", "/admin", headers=ADMIN).body.decode()

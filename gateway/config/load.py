@@ -18,6 +18,8 @@ from gateway.config.fields import NOT_YET, ConfigError, Context, reject_unknown
 from gateway.config.keys import ENTRY_KEYS as KEY_ENTRY_KEYS
 from gateway.config.keys import parse_keys
 from gateway.config.settings import SECTIONS, Settings
+from gateway.config.upstreams import ENTRY_KEYS as UPSTREAM_ENTRY_KEYS
+from gateway.config.upstreams import parse_upstreams
 
 DEFAULT_CONFIG = Path("config/costwall.yaml")
 # Looked for in this order when neither --config nor COSTWALL_CONFIG names a file: the
@@ -27,13 +29,14 @@ CONFIG_CANDIDATES = (DEFAULT_CONFIG, Path("costwall.yaml"))
 
 def _section_keys() -> dict[str, frozenset[str]]:
     """What each section reads, derived from the declarations ("" is the top level)."""
-    top = {"keys", *(cls.KEY for cls in SECTIONS.values() if cls.KEY)}
+    top = {"keys", "upstreams", *(cls.KEY for cls in SECTIONS.values() if cls.KEY)}
     top |= {f.name for cls in SECTIONS.values() for _, f, spec in cls.declared()
             if spec.root or not cls.KEY}
     table = {"": frozenset(top)}
     table |= {cls.KEY: cls.known_keys() for cls in SECTIONS.values() if cls.KEY}
     table["budget_entry"] = frozenset(BUDGET_ENTRY_KEYS)
     table["key"] = frozenset(KEY_ENTRY_KEYS)
+    table["upstream_entry"] = UPSTREAM_ENTRY_KEYS
     return table
 
 
@@ -83,7 +86,7 @@ def load_settings(
     ctx = Context(raw, env, path.absolute().parent)  # relative paths in the file follow it
     unknown_keys(raw, "", "", ctx.problems)
     sections = {name: cls.parse(ctx) for name, cls in SECTIONS.items()}
-    settings = Settings(**sections, keys=parse_keys(ctx))
+    settings = Settings(**sections, keys=parse_keys(ctx), upstreams=parse_upstreams(ctx))
     if ctx.problems:
         raise ConfigError(ctx.problems, pricing_path=settings.general.pricing)
     return settings, ctx.warnings

@@ -28,6 +28,7 @@ from gateway.config.sections import (
     ServerSettings,
     UpstreamSettings,
 )
+from gateway.config.upstreams import UpstreamEntry
 
 # flat name -> (section attribute, field): the compatibility surface, in one table.
 FLAT: dict[str, tuple[str, str]] = {
@@ -71,6 +72,7 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     keys: tuple[VirtualKey, ...] = ()
+    upstreams: tuple[UpstreamEntry, ...] = ()  # empty: the lone ``upstream`` section
 
     def __init__(self, **values: Any) -> None:
         """Sections by name, plus any flat name of ``FLAT`` (applied on top of them)."""
@@ -215,4 +217,4 @@ SECTIONS: dict[str, type[Section]] = {
     "limits": LimitsSettings, "logging": LoggingSettings, "invoices": InvoiceSettings,
     "override": OverrideSettings, "alerts": AlertSettings, "rate_limits": RateLimitSettings,
 }
-assert {*SECTIONS, "keys"} == set(Settings.__dataclass_fields__)
+assert {*SECTIONS, "keys", "upstreams"} == set(Settings.__dataclass_fields__)
