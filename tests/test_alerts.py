@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -243,6 +246,84 @@ def test_hanging_receiver_does_not_slow_requests(tmp_path: Path, receiver: Recei
         stack.close()
 
 
+class SilentServer:
+    """A TCP server that accepts connections and never says a word (a hung SMTP server or
+    webhook receiver); counts the connections it holds."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_hanging_mail_server_holds_none_of_the_request_paths_threads(tmp_path: Path) -> None:
+    """Large request bodies are estimated in the loop's default threads; mail goes out in the
+    sender's own, so 20 SMTP conversations stuck on a silent server delay no request."""
+    silent = SilentServer()
+    stack = Stack(tmp_path, alerts={
+        "smtp": {"host": "127.0.0.1", "port": silent.port}, "timeout_s": 5, "lease_s": 10,
+        "channels": [{"name": "mail", "type": "email", "to": ["ops@example.com"]}]})
+    try:
+        assert stack.gw.alerts is not None
+        for n in range(20):
+            stack.gw.alerts.emit("alert.test", f"evt_mail_{n}", {"n": n})
+        wait_for(lambda: len(silent.held) >= 4)
+        big = [{"role": "user", "content": "budget line " * 8000}]  # 96 KB: offloaded
+        client = stack.client()
+        started = time.perf_counter()
+        for _ in range(3):
+            client.chat.completions.create(model="gpt-4o-mini", messages=big, max_tokens=5)
+        elapsed = time.perf_counter() - started
+        assert elapsed < 2.0, f"{elapsed:.1f} s for 3 requests while the mail server hangs"
+        wait_for(lambda: any(r.last_error == "TimeoutError" for r in rows(stack)), timeout=15)
+    finally:
+        stack.close()
+        silent.close()
+
+
+def test_a_hanging_receiver_holds_its_own_slots_only(tmp_path: Path,
+                                                     receiver: Receiver) -> None:
+    """30 events for a receiver that never answers take 10 attempts at a time; an event for
+    another channel, recorded after them, is delivered at once, and new events keep being
+    stored while the stuck attempts wait."""
+    silent = SilentServer()
+    alerts = alerts_config(receiver.url, timeout_s=4, lease_s=8)
+    alerts["channels"].append({"name": "stuck", "type": "webhook",
+                               "url": f"http://127.0.0.1:{silent.port}/hook"})
+    stack = Stack(tmp_path, env={"TEST_WEBHOOK_SECRET": SECRET}, alerts=alerts)
+    gw_alerts = stack.gw.alerts
+    assert gw_alerts is not None
+    stuck, ops = gw_alerts.channel("stuck"), gw_alerts.channel("ops")
+    try:
+        for n in range(30):
+            gw_alerts.emit("alert.test", f"evt_stuck_{n}", {"n": n}, only=stuck)
+        wait_for(lambda: len(silent.held) >= 10)
+        started = time.monotonic()
+        gw_alerts.emit("alert.test", "evt_ops", {"n": 0}, only=ops)
+        wait_for(lambda: receiver.received, timeout=3)
+        assert time.monotonic() - started < 2.0
+        assert [r["id"] for r in receiver.received] == ["evt_ops"]
+        assert len(silent.held) == 10  # its own slots, no more
+        listed = stack.lt.run(gw_alerts.deliveries(100))
+        assert len(listed) == 31  # stored, although ten attempts hang
+        assert sum(r.attempts for r in listed if r.channel == "stuck") == 10
+    finally:
+        stack.close()
+        silent.close()
+
+
 def test_two_gateways_on_one_postgres_deliver_once(tmp_path: Path, receiver: Receiver,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     pg.require()
@@ -280,6 +361,23 @@ def test_bad_channels_are_config_errors(tmp_path: Path, channel: dict[str, Any],
         load_settings(path, {"BAD_SECRET": "not-a-secret"})
     assert any(problem in p for p in err.value.problems), err.value.problems
     assert not any("not-a-secret" in p for p in err.value.problems)
+
+
+def test_delivery_timings_are_settings_and_a_lease_must_outlive_an_attempt(
+        tmp_path: Path) -> None:
+    path = write_config(tmp_path, "http://127.0.0.1:9/v1", alerts={
+        "timeout_s": 2, "lease_s": 5, "retry_s": 0.5, "max_attempts": 3, "give_up_s": 60})
+    alerts = load_settings(path, {})[0].alerts
+    assert (alerts.timeout_s, alerts.lease_s, alerts.retry_s, alerts.max_attempts,
+            alerts.give_up_s) == (2, 5, 0.5, 3, 60)
+    assert load_settings(write_config(tmp_path, "http://127.0.0.1:9/v1"), {})[0].alerts \
+        .lease_s == 60
+    path = write_config(tmp_path, "http://127.0.0.1:9/v1", alerts={
+        "timeout_s": 10, "lease_s": 15, "max_attempts": 0})
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, {})
+    assert "alerts.lease_s: must be at least 2 x alerts.timeout_s (20 s)" in err.value.problems
+    assert any(p.startswith("alerts.max_attempts") for p in err.value.problems)
 
 
 def test_rules_route_events_and_unknown_channels_are_errors(tmp_path: Path) -> None:
@@ -534,3 +632,39 @@ def test_a_dead_senders_claim_is_taken_over_and_sent_once(tmp_path: Path,
         assert (row.status, row.attempts) == ("sent", 2)
     finally:
         stack.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_outbox_claims_by_channel_and_abandons_removed_channels(tmp_path: Path,
+                                                                     backend: str) -> None:
+    """Both backends: a claim can be limited to one channel; rows of channels no longer
+    configured become failed (visible) instead of pending for ever."""
+    from gateway.store import open_ledger
+    from gateway.store.interfaces import OutboxRow
+
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    if backend == "postgresql":
+        pg.require()
+        url = await pg.create_database()
+    ledger = open_ledger(url)
+    await ledger.start()
+    try:
+        now = time.time()
+        await ledger.outbox_add([OutboxRow(f"evt_{n}", channel, "alert.test", "{}", now + n,
+                                           next_at=now + n)
+                                 for n in range(3) for channel in ("a", "b", "gone")])
+        claimed = await ledger.outbox_claim(now + 5, 10, 2, "a")
+        assert [(r.event_id, r.channel, r.attempts) for r in claimed] == [
+            ("evt_0", "a", 1), ("evt_1", "a", 1)]
+        assert await ledger.outbox_abandon(("a", "b"), "channel no longer configured") == 3
+        assert await ledger.outbox_abandon(("a", "b"), "channel no longer configured") == 0
+        rows = {(r.event_id, r.channel): r for r in await ledger.outbox_list(20)}
+        assert {r.status for k, r in rows.items() if k[1] == "gone"} == {"failed"}
+        assert rows[("evt_0", "gone")].last_error == "channel no longer configured"
+        rest = await ledger.outbox_claim(now + 5, 10, 10)
+        assert sorted((r.event_id, r.channel) for r in rest) == [
+            ("evt_0", "b"), ("evt_1", "b"), ("evt_2", "a"), ("evt_2", "b")]
+    finally:
+        await ledger.close()
+        if backend == "postgresql":
+            await pg.drop_database(url)
