@@ -105,11 +105,14 @@ def slack_message(event: dict[str, Any], admin_url: str) -> dict[str, Any]:
     if data.get("projected_usd"):
         lines.append(f"Projected ${data['projected_usd']}")
     text = " · ".join(lines)
-    blocks: list[dict[str, Any]] = [
-        {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}}]
+    # The event id in the context line: a resend after a crash shows the same id (Slack
+    # itself cannot deduplicate, so readers can) and it matches the admin page's row.
+    context = [{"type": "mrkdwn", "text": f"event `{event.get('id', '')}`"}]
     if admin_url:
-        blocks.append({"type": "context", "elements": [
-            {"type": "mrkdwn", "text": f"<{admin_url}|costwall admin>"}]})
+        context.append({"type": "mrkdwn", "text": f"<{admin_url}|costwall admin>"})
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}},
+        {"type": "context", "elements": context}]
     return {"text": text, "blocks": blocks}
 
 

@@ -48,15 +48,24 @@ def verify(headers: Any, body: bytes, secret: str = SECRET) -> bool:
 
 
 class Receiver:
-    """An aiohttp webhook receiver: records verified deliveries; can fail or hang."""
+    """An aiohttp webhook receiver: records verified deliveries; can fail or hang.
+
+    ``arrivals`` lists every request as it comes in (its ``webhook-id``, whether its signature
+    verified, the sender's port, when), ``received`` the deliveries it acknowledged with 2xx.
+    With ``hold_first`` the first request waits for ``release()`` before it is answered; one
+    whose sender died meanwhile (connection gone) is not counted as received.
+    """
 
     def __init__(self) -> None:
         self.lt = LoopThread()
         self.fail_first = 0
         self.hang = False
+        self.hold_first = False
         self.calls = 0
         self.received: list[dict[str, Any]] = []
+        self.arrivals: list[dict[str, Any]] = []
         self.unverified = 0
+        self._released = asyncio.Event()
         app = web.Application()
         app.router.add_post("/hook", self.handle)
         self.runner = web.AppRunner(app, access_log=None)
@@ -73,6 +82,16 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         self.calls += 1
         body = await request.read()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.arrivals.append({
+            "id": request.headers.get("webhook-id"), "port": peer[1] if peer else None,
+            "verified": "webhook-signature" in request.headers and verify(request.headers,
+                                                                           body),
+            "at": time.monotonic(), "type": orjson.loads(body).get("type")})
+        if self.hold_first and self.calls == 1:
+            await self._released.wait()
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=204)  # nobody is there to read it
         if self.hang:
             await asyncio.sleep(5)
         if self.calls <= self.fail_first:
@@ -82,6 +101,10 @@ class Receiver:
             return web.Response(status=401)
         self.received.append({"headers": dict(request.headers), **orjson.loads(body)})
         return web.Response(status=204)
+
+    def release(self) -> None:
+        """Let a held request be answered."""
+        self.lt.loop.call_soon_threadsafe(self._released.set)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.received if r.get("type") == kind]
