@@ -7,7 +7,7 @@ attempt, then claims due rows with a lease and starts one task per attempt, each
 ``alerts.timeout_s``: at most ``PER_CHANNEL`` per channel and ``MAX_INFLIGHT`` in all. The loop
 never waits for an attempt, and a channel's claims stop at its own slots, so a hanging
 receiver delays neither the storing of new events nor the other channels. The
-sender has its own HTTP session and its own threads (SMTP, name resolution, attachments):
+sender has its own HTTP session and its own threads (SMTP conversations, name resolution):
 a hanging receiver never holds a thread the request path uses. Failures retry with
 exponential backoff and jitter until ``alerts.give_up_s`` or ``alerts.max_attempts``; then the
 row stays ``failed``, visible in ``/admin/alerts``.
@@ -27,7 +27,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -48,7 +48,7 @@ log = logging.getLogger("costwall.alerts")
 MAX_QUEUED = 10_000  # events waiting to be stored; beyond this new ones are dropped (logged)
 MAX_INFLIGHT = 50  # attempts running at once in one replica
 PER_CHANNEL = 10  # of which for one channel
-THREADS = 4  # the sender's own threads: SMTP conversations, name resolution, attachments
+THREADS = 4  # the sender's own threads: SMTP conversations and name resolution
 MAX_RESPONSE_BYTES = 64 * 1024  # read of a receiver's answer
 MAX_BACKOFF_S = 3600.0
 
@@ -137,7 +137,8 @@ class Alerts:
         # ``invoices.email_to``: an email channel that receives ``invoice.issued`` only, with
         # the invoice files attached (``attachments``, set by ``admin.invoice_auto``).
         self.invoice_mail: Channel | None = None
-        self.attachments: Callable[[dict[str, Any]], list[tuple[str, bytes, str]]] | None = None
+        self.attachments: Callable[[dict[str, Any]],
+                                   Awaitable[list[tuple[str, bytes, str]]]] | None = None
         self._queued: list[OutboxRow] = []
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -316,8 +317,7 @@ class Alerts:
             from gateway.alerts_email import send_email
 
             event = orjson.loads(row.body)
-            loop = asyncio.get_running_loop()
-            files = (await loop.run_in_executor(self._executor, self.attachments, event)
+            files = (await self.attachments(event)
                      if self.attachments is not None and row.type == "invoice.issued" else [])
             await send_email(self.settings.smtp, channel, event, self.timeout_s, files,
                              self._executor)
