@@ -139,6 +139,9 @@ class Alerts:
         self.invoice_mail: Channel | None = None
         self.attachments: Callable[[dict[str, Any]],
                                    Awaitable[list[tuple[str, bytes, str]]]] | None = None
+        # Once at start: events recorded before a crash but never stored, recorded again
+        # (``Gateway.catch_up_crossings``; stable ids make it a no-op for stored ones).
+        self.catch_up: Callable[[], Awaitable[object]] | None = None
         self._queued: list[OutboxRow] = []
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -254,6 +257,9 @@ class Alerts:
         names = [c.name for c in self.channels()]
         if not self._swept:  # rows of a channel removed from the config: failed, visibly
             await self.outbox.outbox_abandon(tuple(names), "channel no longer configured")
+            if self.catch_up is not None:
+                await self.catch_up()
+                await self.store()
             self._swept = True
         self._full = False
         busy = dict.fromkeys(names, 0)

@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway.alerts import Alerts, event_id
 from gateway.audit import AuditRow, AuditTrail
 from gateway.budget import Budgets, Crossing
+from gateway.budget_rules import WarnRule
 from gateway.config import Settings
 from gateway.errors import BudgetExceeded
 from gateway.keys import KeyRing
@@ -183,12 +184,30 @@ class Gateway:
                 "scope": c.scope, "id": c.id, "period": c.period,
                 "threshold": f"{int(c.threshold * 100)}%", "limit_usd": format_usd(c.limit),
                 "spent_usd": format_usd(c.spent)})
-            if self.alerts is not None and self.alerts.enabled:
-                self.alerts.emit("budget.threshold", event_id(
-                    "budget.threshold", c.scope, c.id, c.period, c.threshold), {
-                        "scope": c.scope, "id": c.id, "window": "monthly", "period": c.period,
-                        "limit_usd": format_usd(c.limit), "spent_usd": format_usd(c.spent),
-                        "threshold": str(c.threshold)})
+            self._threshold_alert(c)
+
+    def _threshold_alert(self, c: Crossing) -> None:
+        if self.alerts is not None and self.alerts.enabled:
+            self.alerts.emit("budget.threshold", event_id(
+                "budget.threshold", c.scope, c.id, c.period, c.threshold), {
+                    "scope": c.scope, "id": c.id, "window": "monthly", "period": c.period,
+                    "limit_usd": format_usd(c.limit), "spent_usd": format_usd(c.spent),
+                    "threshold": str(c.threshold)})
+
+    async def catch_up_crossings(self) -> int:
+        """Record ``budget.threshold`` again for every threshold this month's spend has
+        passed; return how many. Each has its stable id, so the outbox keeps the ones it
+        holds and gains only one that a crash lost between being recorded (in memory) and
+        being stored. Run once by the alerts sender when it starts."""
+        period = self.budgets.current_period()
+        book = await self.budgets.book(period)
+        rule = WarnRule.of(self.settings.budgets.warn_at)
+        found = [Crossing(scope, ident, period, t, state.limit, state.spent)
+                 for (scope, ident), state in sorted(book.states.items())
+                 for t in rule.thresholds[:rule.passed(state.spent, state.limit)]]
+        for c in found:
+            self._threshold_alert(c)
+        return len(found)
 
     def _execution(self, call: Call, scope: str, scope_id: str, limit: int | None,
                    spent: int | None, estimate: int, reason: str) -> dict[str, Any]:

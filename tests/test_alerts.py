@@ -204,6 +204,35 @@ def test_crossing_sends_one_signed_webhook_and_exhaustion_once(tmp_path: Path,
         stack.close()
 
 
+def test_a_crossing_never_stored_is_sent_at_the_next_start_and_only_once(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """An event lives in memory between being recorded and being stored; a crash there
+    loses it. At start the sender records every threshold this month has passed again, with
+    the same ids, so a lost one is sent and a stored one is not sent twice. Here the crossing
+    happens while no channel exists (nothing stored), as after such a crash."""
+    probe = Stack(tmp_path / "probe")
+    cap = cap_for(probe, 10, max_tokens=50)
+    probe.close()
+    first = Stack(tmp_path / "run", **budget_config(cap))
+    try:
+        spend_until_refused(first)
+        first.flush()
+    finally:
+        first.close()
+    stack = alert_stack(tmp_path / "run", receiver.url, **budget_config(cap))
+    try:
+        wait_for(lambda: receiver.of_type("budget.threshold"))
+        [event] = receiver.of_type("budget.threshold")
+        assert (event["data"]["scope"], event["data"]["threshold"]) == ("tenant", "0.8")
+        assert Decimal(event["data"]["spent_usd"]) >= Decimal(cap) * Decimal("0.8")
+        stack.restart()
+        fast(stack.gw.alerts)
+        time.sleep(1.5)
+        assert [e["id"] for e in receiver.of_type("budget.threshold")] == [event["id"]]
+    finally:
+        stack.close()
+
+
 def test_receiver_failing_three_times_gets_the_event_once(tmp_path: Path,
                                                           receiver: Receiver) -> None:
     receiver.fail_first = 3
