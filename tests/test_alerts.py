@@ -345,6 +345,63 @@ def test_a_hanging_mail_server_holds_none_of_the_request_paths_threads(tmp_path:
         silent.close()
 
 
+def test_redirects_are_not_followed_and_huge_answers_are_cut(tmp_path: Path) -> None:
+    """A 302 fails the delivery at once (its target is never asked); a 200 with an endless
+    body is sent after at most 64 KiB of it is read, and the connection is dropped."""
+    hits = {"target": 0, "huge_bytes": 0}
+
+    async def moved(_request: web.Request) -> web.Response:
+        raise web.HTTPFound("/target")
+
+    async def target(_request: web.Request) -> web.Response:
+        hits["target"] += 1
+        return web.Response(status=204)
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200)
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(10_000):  # up to 640 MB
+                await resp.write(b"x" * 65536)
+                hits["huge_bytes"] += 65536
+        return resp
+
+    lt = LoopThread()
+    app = web.Application()
+    for path, handler in (("/moved", moved), ("/target", target), ("/huge", huge)):
+        app.router.add_post(path, handler)
+    runner = web.AppRunner(app, access_log=None)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    port = lt.run(start())
+    stack = Stack(tmp_path, alerts={"allow_private_targets": True, "channels": [
+        {"name": "moved", "type": "webhook", "url": f"http://127.0.0.1:{port}/moved"},
+        {"name": "huge", "type": "slack", "url": f"http://127.0.0.1:{port}/huge"}]})
+    fast(stack.gw.alerts)
+    try:
+        for name in ("moved", "huge"):
+            stack.request("POST", "/admin/api/alerts/test", json={"channel": name},
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        wait_for(lambda: {r.channel: r.status for r in rows(stack)} == {
+            "moved": "failed", "huge": "sent"})
+        by = {r.channel: r for r in rows(stack)}
+        assert (by["moved"].attempts, by["moved"].last_error) == (1, "HTTP 302")
+        assert hits["target"] == 0
+        time.sleep(0.5)
+        assert hits["huge_bytes"] < 64 * 2**20, hits  # the sender hung up early
+        client = stack.client()
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5)
+    finally:
+        stack.close()
+        lt.run(runner.cleanup())
+        lt.stop()
+
+
 def test_a_hanging_receiver_holds_its_own_slots_only(tmp_path: Path,
                                                      receiver: Receiver) -> None:
     """30 events for a receiver that never answers take 10 attempts at a time; an event for
