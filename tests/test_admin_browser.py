@@ -350,11 +350,9 @@ def test_finance_on_a_phone_sees_no_forms(ui: UI) -> None:
     page.context.close()
 
 
-def test_alerts_page_on_a_phone_and_its_send_test_button(tmp_path: Path) -> None:
+def test_alerts_page_on_a_phone_and_its_send_test_button(ui: UI, tmp_path: Path) -> None:
     """``/admin/alerts`` with real deliveries (one sent, one failed, one waiting) at 390 px:
     no sideways scroll, whole event ids, the status tags and the send-test form usable."""
-    from playwright.sync_api import sync_playwright
-
     from tests.test_alerts import SECRET, Receiver, wait_for
 
     hook = Receiver()
@@ -374,24 +372,21 @@ def test_alerts_page_on_a_phone_and_its_send_test_button(tmp_path: Path) -> None
         wait_for(lambda: {r.status for r in stack.lt.run(sender.deliveries())} == {
             "sent", "failed", "pending"} and all(
             r.last_error for r in stack.lt.run(sender.deliveries()) if r.status != "sent"))
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            ui = UI(stack, browser)
-            page = ui.page(**PHONE)
-            page.goto(f"{stack.url}/admin/alerts")
-            assert page.evaluate("document.documentElement.scrollWidth") <= 390
-            for status in ("sent", "failed", "pending"):
-                reachable(page, f"td[data-label='Status'] .tag-{status}")
-            ids = page.locator("td[data-label='Event'] span:last-child")
-            assert ids.count() == 3
-            for i in range(3):  # the whole id is on screen, not cut off by its card
-                box = ids.nth(i).evaluate("e => e.getBoundingClientRect().right")
-                assert box <= 390, box
-            reachable(page, "form[action='/admin/alerts/test'] select")
-            page.locator("form[action='/admin/alerts/test'] button").tap()
-            assert "queued for channel 'ops'" in page.locator(".flash").inner_text()
-            wait_for(lambda: len(hook.received) == 2)
-            browser.close()
+        page = UI(stack, ui.browser).page(**PHONE)  # the module's browser, another gateway
+        page.goto(f"{stack.url}/admin/alerts")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        for status in ("sent", "failed", "pending"):
+            reachable(page, f"td[data-label='Status'] .tag-{status}")
+        ids = page.locator("td[data-label='Event'] span:last-child")
+        assert ids.count() == 3
+        for i in range(3):  # the whole id is on screen, not cut off by its card
+            box = ids.nth(i).evaluate("e => e.getBoundingClientRect().right")
+            assert box <= 390, box
+        reachable(page, "form[action='/admin/alerts/test'] select")
+        page.locator("form[action='/admin/alerts/test'] button").tap()
+        assert "queued for channel 'ops'" in page.locator(".flash").inner_text()
+        wait_for(lambda: len(hook.received) == 2)
+        page.context.close()
     finally:
         stack.close()
         hook.close()
