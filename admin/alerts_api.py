@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from admin.auth import principal, requires
@@ -23,8 +25,26 @@ def _iso(value: float | None) -> str | None:
         "+00:00", "Z")
 
 
+def about(body: str) -> str:
+    """What an event is about, in a few words: ``tenant:acme · 80 % · 2026-11``."""
+    try:
+        data = orjson.loads(body).get("data") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        return ""
+    parts = [f"{data['scope']}:{data.get('id', '')}"] if data.get("scope") else []
+    try:
+        if data.get("threshold"):
+            parts.append(f"{float(Decimal(str(data['threshold']))) * 100:g} %")
+    except (InvalidOperation, ValueError):
+        pass
+    if data.get("period"):
+        parts.append(str(data["period"]))
+    return " · ".join(parts)
+
+
 def delivery_json(row: OutboxRow) -> dict[str, Any]:
-    return {"event": row.event_id, "type": row.type, "channel": row.channel,
+    return {"event": row.event_id, "type": row.type, "about": about(row.body),
+            "channel": row.channel,
             "status": row.status, "attempts": row.attempts, "last_error": row.last_error,
             "created_at": _iso(row.created_at), "sent_at": _iso(row.sent_at),
             "next_attempt_at": _iso(row.next_at) if row.status == "pending" else None}
@@ -38,7 +58,8 @@ async def overview(gw: Gateway, limit: int = 200) -> dict[str, Any]:
     rows = await alerts.deliveries(limit)
     channels = []
     for c in alerts.settings.channels:
-        last = next((r for r in rows if r.channel == c.name and r.status != "pending"), None)
+        # The latest attempt's outcome: sent, failed, or pending after a failed attempt.
+        last = next((r for r in rows if r.channel == c.name and r.attempts > 0), None)
         channels.append({"name": c.name, "type": c.type, "target": c.host,
                          "last_delivery": delivery_json(last) if last else None})
     return {"channels": channels, "deliveries": [delivery_json(r) for r in rows]}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -173,18 +174,24 @@ async def check(gw: Gateway, issuer: str) -> dict[str, Any] | None:
     return record
 
 
-def invoice_files(gw: Gateway, event: dict[str, Any]) -> list[tuple[str, bytes, str]]:
-    """The PDF and CSV files of an ``invoice.issued`` event, to attach to its e-mail (read in
-    a worker thread by the alerts sender)."""
+async def invoice_files(gw: Gateway, event: dict[str, Any]) -> list[tuple[str, bytes, str]]:
+    """The PDF and CSV files of an ``invoice.issued`` event, to attach to its e-mail: the
+    issued bytes, checked against the recorded SHA-256 (``stored_file``), so the replica that
+    sends the mail need not be the one whose disk holds the files."""
     from admin import invoices as inv
 
     data = event.get("data") or {}
+    month = str(data.get("month"))
     out = []
     for item in data.get("invoices") or []:
-        pdf, csv_path = inv.invoice_paths(gw.settings.reports_dir, str(data.get("month")),
-                                          item.get("tenant"))
-        out += [(pdf.name, pdf.read_bytes(), "application/pdf"),
-                (csv_path.name, csv_path.read_bytes(), "text/csv")]
+        tenant = item.get("tenant")
+        paths = inv.invoice_paths(gw.settings.reports_dir, month, tenant)
+        for kind, path, mime in (("pdf", paths[0], "application/pdf"),
+                                 ("csv", paths[1], "text/csv")):
+            body = await stored_file(gw, month, tenant, kind)
+            if body is None:
+                raise IssuedFileLost(f"{path.name} is not in the invoice history")
+            out.append((path.name, body, mime))
     return out
 
 
@@ -227,7 +234,7 @@ def automation(app: web.Application) -> Any:
         gw = app[GATEWAY]
         task = None
         if gw.alerts is not None:
-            gw.alerts.attachments = lambda event: invoice_files(gw, event)
+            gw.alerts.attachments = functools.partial(invoice_files, gw)
         if gw.settings.invoices_auto:
             issuer = f"{gw.ledger.replica}/{uuid.uuid4().hex[:8]}"
             wake = gw.extras[WAKE] = asyncio.Event()

@@ -3,9 +3,14 @@
 Recording (``Alerts.emit``) only appends to a bounded in-memory list and never raises, so the
 request path pays a dict and an append. A background task stores the events in the ledger
 database's outbox (one row per channel, idempotent on (event id, channel)) *before* any
-attempt, then claims due rows with a lease and delivers them with its own HTTP session and
-short timeouts. Failures retry with exponential backoff and jitter until ``GIVE_UP_S`` or
-``MAX_ATTEMPTS``; then the row stays ``failed``, visible in ``/admin/alerts``.
+attempt, then claims due rows with a lease and starts one task per attempt, each cut at
+``alerts.timeout_s``: at most ``PER_CHANNEL`` per channel and ``MAX_INFLIGHT`` in all. The loop
+never waits for an attempt, and a channel's claims stop at its own slots, so a hanging
+receiver delays neither the storing of new events nor the other channels. The
+sender has its own HTTP session and its own threads (SMTP conversations, name resolution):
+a hanging receiver never holds a thread the request path uses. Failures retry with
+exponential backoff and jitter until ``alerts.give_up_s`` or ``alerts.max_attempts``; then the
+row stays ``failed``, visible in ``/admin/alerts``.
 
 Event ids are stable (sha256 of the event's identity), so the same threshold crossing is one
 event however many replicas see it, and ``webhook-id`` lets receivers deduplicate a resend.
@@ -20,8 +25,10 @@ import hashlib
 import hmac
 import logging
 import random
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -39,10 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("costwall.alerts")
 
 MAX_QUEUED = 10_000  # events waiting to be stored; beyond this new ones are dropped (logged)
-MAX_ATTEMPTS = 15
-GIVE_UP_S = 24 * 3600.0
-LEASE_S = 60.0  # a claim is another replica's to retry only after this long
-TIMEOUT_S = 10.0  # one attempt, connect to last byte
+MAX_INFLIGHT = 50  # attempts running at once in one replica
+PER_CHANNEL = 10  # of which for one channel
+THREADS = 4  # the sender's own threads: SMTP conversations and name resolution
 MAX_RESPONSE_BYTES = 64 * 1024  # read of a receiver's answer
 MAX_BACKOFF_S = 3600.0
 
@@ -65,12 +71,14 @@ def backoff(attempts: int, base_s: float, rng: Callable[[], float] = random.rand
     return float(delay * (0.75 + rng() * 0.5))
 
 
-async def resolves_private(host: str) -> bool:
-    """True when ``host`` is, or resolves to, a loopback or private address."""
+async def resolves_private(host: str, executor: Executor | None = None) -> bool:
+    """True when ``host`` is, or resolves to, a loopback or private address (resolved in
+    ``executor``'s threads: a hanging DNS server must not hold the loop's default ones)."""
     if is_private_address(host):
         return True
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+        infos = await asyncio.get_running_loop().run_in_executor(
+            executor, socket.getaddrinfo, host, None)
     except OSError:
         return False  # the attempt itself then fails and is retried
     return any(is_private_address(str(info[4][0])) for info in infos)
@@ -97,11 +105,14 @@ def slack_message(event: dict[str, Any], admin_url: str) -> dict[str, Any]:
     if data.get("projected_usd"):
         lines.append(f"Projected ${data['projected_usd']}")
     text = " · ".join(lines)
-    blocks: list[dict[str, Any]] = [
-        {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}}]
+    # The event id in the context line: a resend after a crash shows the same id (Slack
+    # itself cannot deduplicate, so readers can) and it matches the admin page's row.
+    context = [{"type": "mrkdwn", "text": f"event `{event.get('id', '')}`"}]
     if admin_url:
-        blocks.append({"type": "context", "elements": [
-            {"type": "mrkdwn", "text": f"<{admin_url}|costwall admin>"}]})
+        context.append({"type": "mrkdwn", "text": f"<{admin_url}|costwall admin>"})
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}},
+        {"type": "context", "elements": context}]
     return {"text": text, "blocks": blocks}
 
 
@@ -115,25 +126,40 @@ class Alerts:
         self.counter = counter
         self.clock = clock
         self.admin_url = admin_url
-        self.backoff_s = 5.0
+        self.backoff_s = settings.retry_s
         self.poll_s = 1.0
-        self.timeout_s = TIMEOUT_S
-        self.lease_s = LEASE_S
-        self.max_attempts = MAX_ATTEMPTS
-        self.give_up_s = GIVE_UP_S
+        self.timeout_s = settings.timeout_s
+        self.lease_s = settings.lease_s
+        self.max_attempts = settings.max_attempts
+        self.give_up_s = settings.give_up_s
+        self.max_inflight = MAX_INFLIGHT
+        self.per_channel = PER_CHANNEL
         # ``invoices.email_to``: an email channel that receives ``invoice.issued`` only, with
         # the invoice files attached (``attachments``, set by ``admin.invoice_auto``).
         self.invoice_mail: Channel | None = None
-        self.attachments: Callable[[dict[str, Any]], list[tuple[str, bytes, str]]] | None = None
+        self.attachments: Callable[[dict[str, Any]],
+                                   Awaitable[list[tuple[str, bytes, str]]]] | None = None
+        # Once at start: events recorded before a crash but never stored, recorded again
+        # (``Gateway.catch_up_crossings``; stable ids make it a no-op for stored ones).
+        self.catch_up: Callable[[], Awaitable[object]] | None = None
         self._queued: list[OutboxRow] = []
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        self._inflight: dict[asyncio.Task[None], str] = {}  # attempt → its channel
+        self._full = False  # claims stopped at a limit: a finished attempt wakes the loop
+        self._swept = False
         self.dropped = 0
 
     @property
     def enabled(self) -> bool:
         return bool(self.settings.channels) or self.invoice_mail is not None
+
+    def channels(self) -> list[Channel]:
+        """Every channel the sender delivers to (``invoices.email_to`` included)."""
+        extra = [self.invoice_mail] if self.invoice_mail is not None else []
+        return [*self.settings.channels, *extra]
 
     def channel(self, name: str) -> Channel | None:
         if self.invoice_mail is not None and name == self.invoice_mail.name:
@@ -174,10 +200,14 @@ class Alerts:
     # -- the sender --------------------------------------------------------------------------
     async def start(self) -> None:
         if self._task is None and self.enabled:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_inflight))
+            self._executor = ThreadPoolExecutor(THREADS, thread_name_prefix="costwall-alerts")
             self._task = asyncio.create_task(self._run(), name="costwall-alerts")
 
     async def close(self) -> None:
+        """Store what is queued, give running attempts a moment, then stop. An attempt cut
+        here keeps its lease: after ``lease_s`` a replica sends it again (same id)."""
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.store(), 5)
@@ -185,9 +215,17 @@ class Alerts:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=min(2.0, self.timeout_s))
+            for task in list(self._inflight):
+                task.cancel()
+            await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     async def store(self) -> None:
         """Move queued events into the outbox (kept queued if the database fails)."""
@@ -204,7 +242,7 @@ class Alerts:
         while True:
             try:
                 await self.store()
-                await self.send_due()
+                await self.dispatch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -213,12 +251,40 @@ class Alerts:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             self._wake.clear()
 
-    async def send_due(self) -> int:
-        """Claim due rows and deliver them concurrently; return how many were attempted."""
-        rows = await self.outbox.outbox_claim(self.clock(), self.lease_s, 50)
-        if rows:
-            await asyncio.gather(*(self._attempt(r) for r in rows))
-        return len(rows)
+    async def dispatch(self) -> int:
+        """For each channel, claim as many due rows as it has free slots and start an attempt
+        for each (not awaited); return how many were started."""
+        names = [c.name for c in self.channels()]
+        if not self._swept:  # rows of a channel removed from the config: failed, visibly
+            await self.outbox.outbox_abandon(tuple(names), "channel no longer configured")
+            if self.catch_up is not None:
+                await self.catch_up()
+                await self.store()
+            self._swept = True
+        self._full = False
+        busy = dict.fromkeys(names, 0)
+        for name in self._inflight.values():
+            busy[name] = busy.get(name, 0) + 1
+        started = 0
+        for name in names:
+            free = min(self.max_inflight - len(self._inflight), self.per_channel - busy[name])
+            if free <= 0:
+                self._full = True
+                continue
+            rows = await self.outbox.outbox_claim(self.clock(), self.lease_s, free, name)
+            for row in rows:
+                task = asyncio.create_task(self._attempt(row), name="costwall-alert-attempt")
+                self._inflight[task] = name
+                task.add_done_callback(self._finished)
+            self._full |= len(rows) == free
+            started += len(rows)
+        return started
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
+        if self._full:  # claims stopped at a limit: more may be due
+            self._full = False
+            self._wake.set()
 
     async def _attempt(self, row: OutboxRow) -> None:
         channel = self.channel(row.channel)
@@ -226,7 +292,9 @@ class Alerts:
         try:
             if channel is None:
                 raise Refused("channel no longer configured")
-            await self.deliver(channel, row)
+            # The whole attempt (name resolution, connection, answer; the SMTP conversation)
+            # ends within timeout_s, well inside the lease (lease_s >= 2 x timeout_s).
+            await asyncio.wait_for(self.deliver(channel, row), self.timeout_s)
             status, error, next_at = "sent", None, 0.0
         except Refused as exc:
             status, error, next_at = "failed", str(exc)[:300], 0.0
@@ -243,8 +311,11 @@ class Alerts:
         if status != "sent":
             log.warning("alerts: %s to channel %s, attempt %d: %s", row.type, row.channel,
                         row.attempts, error)
-        await self.outbox.outbox_finish(row.event_id, row.channel, status, next_at, error,
-                                        self.clock())
+        try:
+            await self.outbox.outbox_finish(row.event_id, row.channel, status, next_at, error,
+                                            self.clock())
+        except Exception as exc:  # the lease then expires and the row is tried again
+            log.warning("alerts: could not record the attempt: %s", type(exc).__name__)
 
     async def deliver(self, channel: Channel, row: OutboxRow) -> None:
         """One attempt; raises ``Retry`` or ``Refused`` (or a network error) when it fails."""
@@ -252,14 +323,16 @@ class Alerts:
             from gateway.alerts_email import send_email
 
             event = orjson.loads(row.body)
-            files = (await asyncio.to_thread(self.attachments, event)
+            files = (await self.attachments(event)
                      if self.attachments is not None and row.type == "invoice.issued" else [])
-            await send_email(self.settings.smtp, channel, event, self.timeout_s, files)
+            await send_email(self.settings.smtp, channel, event, self.timeout_s, files,
+                             self._executor)
             return
         if not channel.url:
             raise Refused("no URL (its environment variable is not set)")
         host = urlsplit(channel.url).hostname or ""
-        if not self.settings.allow_private_targets and await resolves_private(host):
+        if not self.settings.allow_private_targets and \
+                await resolves_private(host, self._executor):
             raise Refused("target is a private or loopback address")
         body = row.body.encode()
         headers = {"content-type": "application/json", "user-agent": "costwall-alerts"}

@@ -1,11 +1,13 @@
 """The email channel: one message (plain text + HTML) over SMTP with the standard library, in
-a worker thread so the event loop never waits on a mail server."""
+one of the sender's own threads, so neither the event loop nor the threads the request path
+uses (``asyncio.to_thread``) ever wait on a mail server."""
 
 from __future__ import annotations
 
 import asyncio
 import html
 import smtplib
+from concurrent.futures import Executor
 from email.message import EmailMessage
 from typing import Any
 
@@ -51,8 +53,9 @@ def _send(smtp: Smtp, msg: EmailMessage, timeout: float) -> None:
 
 
 async def send_email(smtp: Smtp, channel: Channel, event: dict[str, Any], timeout: float,
-                     files: list[tuple[str, bytes, str]] | None = None) -> None:
-    """Send ``event`` (with ``files`` attached) to the channel's addresses; network errors
-    propagate (and are retried)."""
+                     files: list[tuple[str, bytes, str]] | None = None,
+                     executor: Executor | None = None) -> None:
+    """Send ``event`` (with ``files`` attached) to the channel's addresses in ``executor``'s
+    threads; network errors propagate (and are retried)."""
     msg = message(smtp, channel.to, event, tuple(files or ()))
-    await asyncio.to_thread(_send, smtp, msg, timeout)
+    await asyncio.get_running_loop().run_in_executor(executor, _send, smtp, msg, timeout)

@@ -160,6 +160,7 @@ def build_gateway(
     if settings.invoices.email_to:
         gw.alerts.invoice_mail = Channel("invoices.email_to", "email",
                                          to=settings.invoices.email_to)
+    gw.alerts.catch_up = gw.catch_up_crossings
     return gw
 
 

@@ -4,8 +4,10 @@
 API, the dashboard and the Prometheus scrape share the result) and projects each scope with a
 monthly limit through the pure ``gateway.forecast``. Daily series: ``usage(period, "day")``
 for the global scope and ``usage(period, "day", tenant)`` per capped tenant; agent, campaign
-and key scopes are summed from one pass over ``entries(period)`` (reused for ``SCAN_TTL_S``)
-while the month has at most ``ENTRY_SCAN_MAX`` requests, beyond which they follow the global
+and key scopes are summed from one pass over ``entries(period)`` (reused for ``SCAN_TTL_S``
+unless the month's requests have grown by more than ``RESCAN_GROWTH`` since, so the cost of
+scans stays proportional to the month's rows and a burst is seen at once) while the month has
+at most ``ENTRY_SCAN_MAX`` requests, beyond which they follow the global
 scope's daily shape scaled to their own spend (``method`` then ends in ``/global-shape``).
 
 It also prepares the ``budget.forecast_exceeded`` event (``forecast_exceeded_event``) for the
@@ -38,6 +40,7 @@ log = logging.getLogger("costwall.forecast")
 # reused for SCAN_TTL_S; larger months use the global daily shape instead.
 ENTRY_SCAN_MAX = 20_000
 SCAN_TTL_S = 300.0
+RESCAN_GROWTH = 20  # a reused scan may miss at most 1/20 (5 %) of the month's requests
 TTL_S = 60.0
 VIEW_MAX_AGE_S = 5.0  # the admin API and dashboard: a person looking wants it current
 REARM_MARGIN = 10  # percent below the limit the projection must fall to re-arm the event
@@ -90,8 +93,9 @@ class ForecastService:
         self._fired: dict[ScopeKey, tuple[str, int, bool]] = {}  # period, arm, above
         # Receives ``budget.forecast_exceeded`` events (``gateway.alerts.Alerts.emit_event``).
         self.on_event: Callable[[dict[str, Any]], None] | None = None
+        # (period, scopes) -> (monotonic time, the month's requests then, daily series)
         self._scans: dict[tuple[str, frozenset[ScopeKey]],
-                          tuple[float, dict[ScopeKey, dict[int, int]]]] = {}
+                          tuple[float, int, dict[ScopeKey, dict[int, int]]]] = {}
 
     async def month(self, period: str | None = None, max_age: float | None = None
                     ) -> list[ScopeForecast]:
@@ -134,8 +138,9 @@ class ForecastService:
         others = [k for k in limits if k[0] not in ("global", "tenant")]
         shaped = False
         if others:
-            if sum(r.requests for r in day_rows) <= self.scan_max:
-                series.update(await self._scan(period, others))
+            requests = sum(r.requests for r in day_rows)
+            if requests <= self.scan_max:
+                series.update(await self._scan(period, others, requests))
             else:
                 shaped = True
         out = []
@@ -161,14 +166,17 @@ class ForecastService:
             out.append(ScopeForecast(key[0], key[1], period, limits[key], p, when))
         return out
 
-    async def _scan(self, period: str, keys: list[ScopeKey]) -> dict[ScopeKey, dict[int, int]]:
-        """Daily spend of agent/campaign/key scopes from one pass over the month's entries."""
+    async def _scan(self, period: str, keys: list[ScopeKey], requests: int
+                    ) -> dict[ScopeKey, dict[int, int]]:
+        """Daily spend of agent/campaign/key scopes from one pass over the month's entries
+        (``requests`` of them), or the last pass while it is recent and nearly complete."""
         wanted = frozenset(keys)
         hit = self._scans.get((period, wanted))
-        if hit is not None and time.monotonic() - hit[0] < SCAN_TTL_S:
-            return hit[1]
+        if hit is not None and time.monotonic() - hit[0] < SCAN_TTL_S and \
+                requests <= hit[1] + hit[1] // RESCAN_GROWTH:
+            return hit[2]
         result = await self._scan_now(period, wanted)
-        self._scans = {(period, wanted): (time.monotonic(), result)}
+        self._scans = {(period, wanted): (time.monotonic(), requests, result)}
         return result
 
     async def _scan_now(self, period: str, wanted: frozenset[ScopeKey]

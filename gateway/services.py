@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway.alerts import Alerts, event_id
 from gateway.audit import AuditRow, AuditTrail
 from gateway.budget import Budgets, Crossing
+from gateway.budget_rules import WarnRule
 from gateway.config import Settings
 from gateway.errors import BudgetExceeded
 from gateway.keys import KeyRing
@@ -111,7 +112,8 @@ class Gateway:
             **self._execution(call, exc.scope, exc.scope_id, exc.limit, exc.spent,
                               exc.estimate, exc.message),
             "window": exc.window, "period": exc.period})
-        if self.alerts is not None and self.alerts.enabled and exc.scope:
+        if self.alerts is not None and self.alerts.enabled and exc.scope \
+                and self._alerted(exc.scope, exc.scope_id):
             # Once per scope and period of a window: the id is the same for every later
             # refusal (the period id names its window).
             period = exc.period
@@ -198,12 +200,38 @@ class Gateway:
                 "scope": c.scope, "id": c.id, "window": c.window, "period": c.period,
                 "threshold": f"{int(c.threshold * 100)}%", "limit_usd": format_usd(c.limit),
                 "spent_usd": format_usd(c.spent)})
-            if self.alerts is not None and self.alerts.enabled:
-                self.alerts.emit("budget.threshold", event_id(
-                    "budget.threshold", c.scope, c.id, c.period, c.threshold), {
-                        "scope": c.scope, "id": c.id, "window": c.window, "period": c.period,
-                        "limit_usd": format_usd(c.limit), "spent_usd": format_usd(c.spent),
-                        "threshold": str(c.threshold)})
+            self._threshold_alert(c)
+
+    def _alerted(self, scope: str, ident: str) -> bool:
+        """Budget alerts are for scopes someone named: an end user under the
+        ``users_default`` template (there may be thousands, each crossing every day) is
+        audit-logged but raises no alert; a user with caps of their own does."""
+        return scope != "user" or (scope, ident) in self.budgets.limits
+
+    def _threshold_alert(self, c: Crossing) -> None:
+        if self.alerts is not None and self.alerts.enabled and self._alerted(c.scope, c.id):
+            self.alerts.emit("budget.threshold", event_id(
+                "budget.threshold", c.scope, c.id, c.period, c.threshold), {
+                    "scope": c.scope, "id": c.id, "window": c.window, "period": c.period,
+                    "limit_usd": format_usd(c.limit), "spent_usd": format_usd(c.spent),
+                    "threshold": str(c.threshold)})
+
+    async def catch_up_crossings(self) -> int:
+        """Record ``budget.threshold`` again for every threshold the current period of
+        each window has passed; return how many. Each has its stable id, so the outbox keeps
+        the ones it holds and gains only one that a crash lost between being recorded (in
+        memory) and being stored. Run once by the alerts sender when it starts."""
+        await self.budgets.load_current()
+        books = self.budgets.books
+        rule = WarnRule.of(self.settings.budgets.warn_at)
+        found = [Crossing(scope, ident, book.period, t, state.limit, state.spent)
+                 for span in books.current_spans()
+                 if (book := books.periods.get(span.period)) is not None
+                 for (scope, ident), state in sorted(book.states.items())
+                 for t in rule.thresholds[:rule.passed(state.spent, state.limit)]]
+        for c in found:
+            self._threshold_alert(c)
+        return len(found)
 
     def _execution(self, call: Call, scope: str, scope_id: str, limit: int | None,
                    spent: int | None, estimate: int, reason: str) -> dict[str, Any]:

@@ -387,3 +387,45 @@ def test_finance_on_a_phone_sees_no_forms(ui: UI) -> None:
     assert page.locator('input[name="monthly_usd"]').count() == 0
     assert "read-only" in page.locator(".notice").inner_text()
     page.context.close()
+
+
+def test_alerts_page_on_a_phone_and_its_send_test_button(ui: UI, tmp_path: Path) -> None:
+    """``/admin/alerts`` with real deliveries (one sent, one failed, one waiting) at 390 px:
+    no sideways scroll, whole event ids, the status tags and the send-test form usable."""
+    from tests.test_alerts import SECRET, Receiver, wait_for
+
+    hook = Receiver()
+    alerts = {"allow_private_targets": True, "retry_s": 600, "timeout_s": 2, "lease_s": 5,
+              "channels": [
+                  {"name": "ops", "type": "webhook", "url": hook.url,
+                   "secret_env": "TEST_WEBHOOK_SECRET"},
+                  {"name": "gone", "type": "webhook", "url": hook.url + "-nowhere"},
+                  {"name": "down", "type": "webhook", "url": "http://127.0.0.1:9/hook"}]}
+    stack = Stack(tmp_path, env={"TEST_WEBHOOK_SECRET": SECRET}, alerts=alerts)
+    sender = stack.gw.alerts
+    assert sender is not None
+    try:
+        for name in ("ops", "gone", "down"):
+            sender.emit("alert.test", f"evt_{name}_0123456789abcdef0123456789", {},
+                        only=sender.channel(name))
+        wait_for(lambda: {r.status for r in stack.lt.run(sender.deliveries())} == {
+            "sent", "failed", "pending"} and all(
+            r.last_error for r in stack.lt.run(sender.deliveries()) if r.status != "sent"))
+        page = UI(stack, ui.browser).page(**PHONE)  # the module's browser, another gateway
+        page.goto(f"{stack.url}/admin/alerts")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        for status in ("sent", "failed", "pending"):
+            reachable(page, f"td[data-label='Status'] .tag-{status}")
+        ids = page.locator("td[data-label='Event'] span:last-child")
+        assert ids.count() == 3
+        for i in range(3):  # the whole id is on screen, not cut off by its card
+            box = ids.nth(i).evaluate("e => e.getBoundingClientRect().right")
+            assert box <= 390, box
+        reachable(page, "form[action='/admin/alerts/test'] select")
+        page.locator("form[action='/admin/alerts/test'] button").tap()
+        assert "queued for channel 'ops'" in page.locator(".flash").inner_text()
+        wait_for(lambda: len(hook.received) == 2)
+        page.context.close()
+    finally:
+        stack.close()
+        hook.close()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -45,15 +48,24 @@ def verify(headers: Any, body: bytes, secret: str = SECRET) -> bool:
 
 
 class Receiver:
-    """An aiohttp webhook receiver: records verified deliveries; can fail or hang."""
+    """An aiohttp webhook receiver: records verified deliveries; can fail or hang.
+
+    ``arrivals`` lists every request as it comes in (its ``webhook-id``, whether its signature
+    verified, the sender's port, when), ``received`` the deliveries it acknowledged with 2xx.
+    With ``hold_first`` the first request waits for ``release()`` before it is answered; one
+    whose sender died meanwhile (connection gone) is not counted as received.
+    """
 
     def __init__(self) -> None:
         self.lt = LoopThread()
         self.fail_first = 0
         self.hang = False
+        self.hold_first = False
         self.calls = 0
         self.received: list[dict[str, Any]] = []
+        self.arrivals: list[dict[str, Any]] = []
         self.unverified = 0
+        self._released = asyncio.Event()
         app = web.Application()
         app.router.add_post("/hook", self.handle)
         self.runner = web.AppRunner(app, access_log=None)
@@ -70,6 +82,16 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         self.calls += 1
         body = await request.read()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.arrivals.append({
+            "id": request.headers.get("webhook-id"), "port": peer[1] if peer else None,
+            "verified": "webhook-signature" in request.headers and verify(request.headers,
+                                                                           body),
+            "at": time.monotonic(), "type": orjson.loads(body).get("type")})
+        if self.hold_first and self.calls == 1:
+            await self._released.wait()
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=204)  # nobody is there to read it
         if self.hang:
             await asyncio.sleep(5)
         if self.calls <= self.fail_first:
@@ -79,6 +101,10 @@ class Receiver:
             return web.Response(status=401)
         self.received.append({"headers": dict(request.headers), **orjson.loads(body)})
         return web.Response(status=204)
+
+    def release(self) -> None:
+        """Let a held request be answered."""
+        self.lt.loop.call_soon_threadsafe(self._released.set)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.received if r.get("type") == kind]
@@ -178,6 +204,35 @@ def test_crossing_sends_one_signed_webhook_and_exhaustion_once(tmp_path: Path,
         stack.close()
 
 
+def test_a_crossing_never_stored_is_sent_at_the_next_start_and_only_once(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """An event lives in memory between being recorded and being stored; a crash there
+    loses it. At start the sender records every threshold this month has passed again, with
+    the same ids, so a lost one is sent and a stored one is not sent twice. Here the crossing
+    happens while no channel exists (nothing stored), as after such a crash."""
+    probe = Stack(tmp_path / "probe")
+    cap = cap_for(probe, 10, max_tokens=50)
+    probe.close()
+    first = Stack(tmp_path / "run", **budget_config(cap))
+    try:
+        spend_until_refused(first)
+        first.flush()
+    finally:
+        first.close()
+    stack = alert_stack(tmp_path / "run", receiver.url, **budget_config(cap))
+    try:
+        wait_for(lambda: receiver.of_type("budget.threshold"))
+        [event] = receiver.of_type("budget.threshold")
+        assert (event["data"]["scope"], event["data"]["threshold"]) == ("tenant", "0.8")
+        assert Decimal(event["data"]["spent_usd"]) >= Decimal(cap) * Decimal("0.8")
+        stack.restart()
+        fast(stack.gw.alerts)
+        time.sleep(1.5)
+        assert [e["id"] for e in receiver.of_type("budget.threshold")] == [event["id"]]
+    finally:
+        stack.close()
+
+
 def test_receiver_failing_three_times_gets_the_event_once(tmp_path: Path,
                                                           receiver: Receiver) -> None:
     receiver.fail_first = 3
@@ -243,6 +298,141 @@ def test_hanging_receiver_does_not_slow_requests(tmp_path: Path, receiver: Recei
         stack.close()
 
 
+class SilentServer:
+    """A TCP server that accepts connections and never says a word (a hung SMTP server or
+    webhook receiver); counts the connections it holds."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_hanging_mail_server_holds_none_of_the_request_paths_threads(tmp_path: Path) -> None:
+    """Large request bodies are estimated in the loop's default threads; mail goes out in the
+    sender's own, so 20 SMTP conversations stuck on a silent server delay no request."""
+    silent = SilentServer()
+    stack = Stack(tmp_path, alerts={
+        "smtp": {"host": "127.0.0.1", "port": silent.port}, "timeout_s": 5, "lease_s": 10,
+        "channels": [{"name": "mail", "type": "email", "to": ["ops@example.com"]}]})
+    try:
+        assert stack.gw.alerts is not None
+        for n in range(20):
+            stack.gw.alerts.emit("alert.test", f"evt_mail_{n}", {"n": n})
+        wait_for(lambda: len(silent.held) >= 4)
+        big = [{"role": "user", "content": "budget line " * 8000}]  # 96 KB: offloaded
+        client = stack.client()
+        started = time.perf_counter()
+        for _ in range(3):
+            client.chat.completions.create(model="gpt-4o-mini", messages=big, max_tokens=5)
+        elapsed = time.perf_counter() - started
+        assert elapsed < 2.0, f"{elapsed:.1f} s for 3 requests while the mail server hangs"
+        wait_for(lambda: any(r.last_error == "TimeoutError" for r in rows(stack)), timeout=15)
+    finally:
+        stack.close()
+        silent.close()
+
+
+def test_redirects_are_not_followed_and_huge_answers_are_cut(tmp_path: Path) -> None:
+    """A 302 fails the delivery at once (its target is never asked); a 200 with an endless
+    body is sent after at most 64 KiB of it is read, and the connection is dropped."""
+    hits = {"target": 0, "huge_bytes": 0}
+
+    async def moved(_request: web.Request) -> web.Response:
+        raise web.HTTPFound("/target")
+
+    async def target(_request: web.Request) -> web.Response:
+        hits["target"] += 1
+        return web.Response(status=204)
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200)
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(10_000):  # up to 640 MB
+                await resp.write(b"x" * 65536)
+                hits["huge_bytes"] += 65536
+        return resp
+
+    lt = LoopThread()
+    app = web.Application()
+    for path, handler in (("/moved", moved), ("/target", target), ("/huge", huge)):
+        app.router.add_post(path, handler)
+    runner = web.AppRunner(app, access_log=None)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    port = lt.run(start())
+    stack = Stack(tmp_path, alerts={"allow_private_targets": True, "channels": [
+        {"name": "moved", "type": "webhook", "url": f"http://127.0.0.1:{port}/moved"},
+        {"name": "huge", "type": "slack", "url": f"http://127.0.0.1:{port}/huge"}]})
+    fast(stack.gw.alerts)
+    try:
+        for name in ("moved", "huge"):
+            stack.request("POST", "/admin/api/alerts/test", json={"channel": name},
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        wait_for(lambda: {r.channel: r.status for r in rows(stack)} == {
+            "moved": "failed", "huge": "sent"})
+        by = {r.channel: r for r in rows(stack)}
+        assert (by["moved"].attempts, by["moved"].last_error) == (1, "HTTP 302")
+        assert hits["target"] == 0
+        time.sleep(0.5)
+        assert hits["huge_bytes"] < 64 * 2**20, hits  # the sender hung up early
+        client = stack.client()
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5)
+    finally:
+        stack.close()
+        lt.run(runner.cleanup())
+        lt.stop()
+
+
+def test_a_hanging_receiver_holds_its_own_slots_only(tmp_path: Path,
+                                                     receiver: Receiver) -> None:
+    """30 events for a receiver that never answers take 10 attempts at a time; an event for
+    another channel, recorded after them, is delivered at once, and new events keep being
+    stored while the stuck attempts wait."""
+    silent = SilentServer()
+    alerts = alerts_config(receiver.url, timeout_s=4, lease_s=8)
+    alerts["channels"].append({"name": "stuck", "type": "webhook",
+                               "url": f"http://127.0.0.1:{silent.port}/hook"})
+    stack = Stack(tmp_path, env={"TEST_WEBHOOK_SECRET": SECRET}, alerts=alerts)
+    gw_alerts = stack.gw.alerts
+    assert gw_alerts is not None
+    stuck, ops = gw_alerts.channel("stuck"), gw_alerts.channel("ops")
+    try:
+        for n in range(30):
+            gw_alerts.emit("alert.test", f"evt_stuck_{n}", {"n": n}, only=stuck)
+        wait_for(lambda: len(silent.held) >= 10)
+        started = time.monotonic()
+        gw_alerts.emit("alert.test", "evt_ops", {"n": 0}, only=ops)
+        wait_for(lambda: receiver.received, timeout=3)
+        assert time.monotonic() - started < 2.0
+        assert [r["id"] for r in receiver.received] == ["evt_ops"]
+        assert len(silent.held) == 10  # its own slots, no more
+        listed = stack.lt.run(gw_alerts.deliveries(100))
+        assert len(listed) == 31  # stored, although ten attempts hang
+        assert sum(r.attempts for r in listed if r.channel == "stuck") == 10
+    finally:
+        stack.close()
+        silent.close()
+
+
 def test_two_gateways_on_one_postgres_deliver_once(tmp_path: Path, receiver: Receiver,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     pg.require()
@@ -280,6 +470,23 @@ def test_bad_channels_are_config_errors(tmp_path: Path, channel: dict[str, Any],
         load_settings(path, {"BAD_SECRET": "not-a-secret"})
     assert any(problem in p for p in err.value.problems), err.value.problems
     assert not any("not-a-secret" in p for p in err.value.problems)
+
+
+def test_delivery_timings_are_settings_and_a_lease_must_outlive_an_attempt(
+        tmp_path: Path) -> None:
+    path = write_config(tmp_path, "http://127.0.0.1:9/v1", alerts={
+        "timeout_s": 2, "lease_s": 5, "retry_s": 0.5, "max_attempts": 3, "give_up_s": 60})
+    alerts = load_settings(path, {})[0].alerts
+    assert (alerts.timeout_s, alerts.lease_s, alerts.retry_s, alerts.max_attempts,
+            alerts.give_up_s) == (2, 5, 0.5, 3, 60)
+    assert load_settings(write_config(tmp_path, "http://127.0.0.1:9/v1"), {})[0].alerts \
+        .lease_s == 60
+    path = write_config(tmp_path, "http://127.0.0.1:9/v1", alerts={
+        "timeout_s": 10, "lease_s": 15, "max_attempts": 0})
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, {})
+    assert "alerts.lease_s: must be at least 2 x alerts.timeout_s (20 s)" in err.value.problems
+    assert any(p.startswith("alerts.max_attempts") for p in err.value.problems)
 
 
 def test_rules_route_events_and_unknown_channels_are_errors(tmp_path: Path) -> None:
@@ -532,5 +739,79 @@ def test_a_dead_senders_claim_is_taken_over_and_sent_once(tmp_path: Path,
         assert receiver.received[0]["headers"]["webhook-id"] == "evt_dead"
         [row] = rows(stack)
         assert (row.status, row.attempts) == ("sent", 2)
+    finally:
+        stack.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_outbox_claims_by_channel_and_abandons_removed_channels(tmp_path: Path,
+                                                                     backend: str) -> None:
+    """Both backends: a claim can be limited to one channel; rows of channels no longer
+    configured become failed (visible) instead of pending for ever."""
+    from gateway.store import open_ledger
+    from gateway.store.interfaces import OutboxRow
+
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    if backend == "postgresql":
+        pg.require()
+        url = await pg.create_database()
+    ledger = open_ledger(url)
+    await ledger.start()
+    try:
+        now = time.time()
+        await ledger.outbox_add([OutboxRow(f"evt_{n}", channel, "alert.test", "{}", now + n,
+                                           next_at=now + n)
+                                 for n in range(3) for channel in ("a", "b", "gone")])
+        claimed = await ledger.outbox_claim(now + 5, 10, 2, "a")
+        assert [(r.event_id, r.channel, r.attempts) for r in claimed] == [
+            ("evt_0", "a", 1), ("evt_1", "a", 1)]
+        assert await ledger.outbox_abandon(("a", "b"), "channel no longer configured") == 3
+        assert await ledger.outbox_abandon(("a", "b"), "channel no longer configured") == 0
+        rows = {(r.event_id, r.channel): r for r in await ledger.outbox_list(20)}
+        assert {r.status for k, r in rows.items() if k[1] == "gone"} == {"failed"}
+        assert rows[("evt_0", "gone")].last_error == "channel no longer configured"
+        rest = await ledger.outbox_claim(now + 5, 10, 10)
+        assert sorted((r.event_id, r.channel) for r in rest) == [
+            ("evt_0", "b"), ("evt_1", "b"), ("evt_2", "a"), ("evt_2", "b")]
+    finally:
+        await ledger.close()
+        if backend == "postgresql":
+            await pg.drop_database(url)
+
+
+def test_window_alerts_name_their_window_and_template_users_raise_none(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """A daily window's crossing and exhaustion are alerts of the daily window and period;
+    the end users under ``users_default`` (unbounded, crossing every day) are only
+    audit-logged, while a user with caps of their own is alerted like any scope."""
+    probe = Stack(tmp_path / "probe")
+    cap = cap_for(probe, 10, max_tokens=50)
+    probe.close()
+    stack = alert_stack(tmp_path / "run", receiver.url, budgets={
+        "timezone": "UTC", "warn_at": ["0.8"], "tenants": {"acme": {"daily_usd": cap}},
+        "users_default": {"daily_usd": cap}, "users": {"named": {"daily_usd": cap}}})
+    try:
+        for user in ("from-the-template", "named"):
+            for _ in range(12):
+                try:
+                    stack.client("globex-research").chat.completions.create(
+                        model="gpt-4o-mini", messages=MSG, max_tokens=50,
+                        extra_headers={"X-Costwall-User": user})
+                except openai.APIStatusError as exc:
+                    assert exc.status_code == 402
+                    break
+        spend_until_refused(stack)
+        wait_for(lambda: len(receiver.of_type("budget.threshold")) == 2
+                 and len(receiver.of_type("budget.exhausted")) == 2)
+        time.sleep(0.3)
+        about = sorted((e["data"]["scope"], e["data"]["id"], e["data"]["window"],
+                        e["data"]["period"]) for e in receiver.received)
+        today = next(s.period for s in stack.gw.budgets.books.current_spans()
+                     if s.window == "daily")
+        assert about == [("tenant", "acme", "daily", today)] * 2 + \
+            [("user", "named", "daily", today)] * 2
+        stack.flush()
+        warned = {(e["scope"], e["id"]) for e in stack.gw.audit.events("warning")}
+        assert ("user", "from-the-template") in warned  # audit-logged all the same
     finally:
         stack.close()

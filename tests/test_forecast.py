@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -201,3 +202,24 @@ def test_a_month_too_large_to_scan_uses_the_global_shape(month: tuple[Stack, Clo
     # All of this month's traffic is acme-content's: the shape gives the same projection.
     assert scopes[("agent", "content")]["projected_usd"] == \
         scopes[("global", "global")]["projected_usd"]
+
+
+def test_agent_projections_follow_a_burst_at_once(tmp_path: Path) -> None:
+    """Agent scopes are projected from a scan of the month's entries that is reused for a
+    while; one made before a burst of traffic (at start-up, say) is not reused after it."""
+    clock = Clock(datetime(2026, 11, 1, 9, tzinfo=UTC))
+    stack = Stack(tmp_path, clock=clock, budgets={"agents": {"content": {"monthly_usd": "50"}}})
+    try:
+        assert forecast(stack)["scopes"][0]["projected_usd"] == "0"  # an empty month, scanned
+        for day in range(1, 10):
+            clock.now = datetime(2026, 11, day, 10, tzinfo=UTC)
+            stack.client().chat.completions.create(model="gpt-4o-mini", messages=MSG,
+                                                   max_tokens=20)
+        stack.flush()
+        clock.now = datetime(2026, 11, 10, 12, tzinfo=UTC)
+        [agent] = stack.lt.run(forecasts(stack.gw).month(max_age=0))  # not the 5 s cache
+        # nine days at one request a day: about 30 by the month's end
+        assert agent.projection.spent > 0
+        assert agent.projection.projected > 3 * agent.projection.spent, agent
+    finally:
+        stack.close()

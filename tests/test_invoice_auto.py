@@ -23,6 +23,7 @@ from admin.invoice_auto import WAKE
 from gateway.cli import main as costwall
 from tests import pg
 from tests.harness import ADMIN_TOKEN, FINANCE_TOKEN, Stack
+from tests.test_alerts import Mailbox, smtp  # noqa: F401 - a fixture
 
 MSG = [{"role": "user", "content": "hello"}]
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -175,3 +176,69 @@ def test_a_dead_issuers_claim_is_taken_over_once(pair: tuple[Stack, Stack, Clock
     assert found[0]["issued_at"] == "2026-11-01T00:11:00Z"
     record = orjson.loads(a.lt.run(a.gw.ledger.get_setting("invoices.issued.2026-10")))
     assert record["by"] != "dead/0000"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rollover_on_two_gateways_mails_the_invoices_once(
+        backend: str, tmp_path: Path, smtp: tuple[Mailbox, int]) -> None:  # noqa: F811
+    """Two gateways, each with its own reports folder, both with ``invoices.email_to``: the
+    month is issued once and mailed once (aiosmtpd), with attachments that are the issued
+    files byte for byte (their SHA-256 is the history's), whichever replica sends the mail."""
+    from admin.invoice_auto import invoice_files
+    from tests.test_alerts import fast
+
+    box, port = smtp
+    clock = Clock(datetime(2026, 10, 20, 12, 0, tzinfo=UTC))
+    ctx = pg.temp_database() if backend == "postgresql" else None
+    if ctx is not None:
+        pg.require()
+    database = ctx.__enter__() if ctx is not None else f"sqlite:///{tmp_path / 'shared.db'}"
+    extra: dict[str, Any] = {
+        "database": database,
+        "invoices": {"auto": True, "email_to": ["finance@example.com", "books@example.com"]},
+        "alerts": {"smtp": {"host": "127.0.0.1", "port": port, "from": "costwall@example.com"}}}
+    a = Stack(tmp_path / "a", clock=clock, **extra)  # reports in tmp/a/reports, tmp/b/reports
+    b = Stack(tmp_path / "b", clock=clock, **extra)
+    try:
+        for stack in (a, b):
+            fast(stack.gw.alerts)
+        a.client("acme-content").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        b.client("globex-research").chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        a.flush()
+        b.flush()
+        clock.now = datetime(2026, 11, 1, 0, 0, 30, tzinfo=UTC)
+        for _ in range(3):
+            wake(a)
+            wake(b)
+        found = issued(a)
+        deadline = time.monotonic() + 20
+        while not box.messages:
+            assert time.monotonic() < deadline, "no invoice mail"
+            time.sleep(0.1)
+        for _ in range(2):
+            wake(a)
+            wake(b)
+        time.sleep(1.5)  # a second mail, or a second issue, would be here by now
+        assert b.request("GET", "/admin/api/invoices", headers=ADMIN).json()["invoices"] \
+            == found
+        [(rcpt, mail)] = box.messages
+        assert sorted(rcpt) == ["books@example.com", "finance@example.com"]
+        assert "invoice.issued" in mail["Subject"]
+        attached = {p.get_filename(): p.get_content() for p in mail.iter_attachments()}
+        recorded = {item["files"][kind]: item["sha256"][kind]
+                    for item in found for kind in ("pdf", "csv")}
+        assert len(attached) == len(recorded) == 6
+        assert {name: hashlib.sha256(data if isinstance(data, bytes) else data.encode())
+                .hexdigest() for name, data in attached.items()} == recorded
+        # The replica whose disk lacks the files attaches the same bytes (checked, rendered).
+        issuer = a if (tmp_path / "a" / "reports" / "invoices").exists() else b
+        other = b if issuer is a else a
+        assert not (other.dir / "reports" / "invoices").exists()
+        event = {"data": {"month": "2026-10", "invoices": found}}
+        files = other.lt.run(invoice_files(other.gw, event))
+        assert {name: hashlib.sha256(data).hexdigest() for name, data, _ in files} == recorded
+    finally:
+        a.close()
+        b.close()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)

@@ -6,15 +6,20 @@ headless Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright). Writes
 ``dashboard.png``, ``budget.png``, ``override.png`` and, at a phone's 390 px,
 ``dashboard-phone.png``, ``budget-phone.png``, ``logs-phone.png``, ``keys-phone.png`` and
 ``invoices-phone.png`` (default ``docs/screenshots``). Nothing is downloaded.
-``--forecast`` writes only ``dashboard-forecast.png`` and ``dashboard-forecast-phone.png``.
+``--forecast`` writes only ``dashboard-forecast.png`` and ``dashboard-forecast-phone.png``;
+``--alerts`` only ``alerts.png`` and ``alerts-phone.png`` (``/admin/alerts`` after real
+deliveries: a webhook that is sent, a Slack target that answers 404 so the delivery fails, and
+a mail server that is down so the email waits for its next attempt).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import random
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import openai  # noqa: E402
 
-from tests.harness import ADMIN_TOKEN, Stack  # noqa: E402
+from tests.harness import ADMIN_TOKEN, LoopThread, Stack, free_port  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -74,7 +79,7 @@ def main(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stack = Stack(Path(tmp), clock=lambda: now[0], budgets=BUDGETS)
         try:
-            generate(stack, now, days=min(max(real.day, 18), 28))
+            generate(stack, now, days=28)  # late in the month: every colour is on show
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -139,7 +144,106 @@ def forecast(out: Path) -> None:
     print(out / "dashboard-forecast-phone.png")
 
 
+def alerts(out: Path) -> None:
+    """``alerts.png`` and ``alerts-phone.png``: ``/admin/alerts`` after a tenant passed its 50 %
+    and 80 % thresholds and was refused, and a test alert was sent from the page's form. The
+    three channels are real receivers: a webhook answering 204 (sent), a Slack-like URL
+    answering 404 like a revoked Slack webhook (failed at once), and an SMTP port nobody
+    listens on (pending, its next attempt shown)."""
+    from aiohttp import web
+    from playwright.sync_api import sync_playwright
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def gone(_request: web.Request) -> web.Response:
+        return web.Response(status=404, text="no_service")
+
+    out.mkdir(parents=True, exist_ok=True)
+    secret = "whsec_" + base64.b64encode(b"screenshot-secret-0123456789abcd").decode()
+    with tempfile.TemporaryDirectory() as tmp:
+        receivers = LoopThread()
+
+        async def start_receivers() -> tuple[web.AppRunner, int]:
+            app = web.Application()
+            app.router.add_post("/costwall", ok)
+            app.router.add_post("/services/T000/B000/xxxx", gone)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        runner, port = receivers.run(start_receivers())
+        channels = [
+            {"name": "ops", "type": "webhook", "url": f"http://127.0.0.1:{port}/costwall",
+             "secret_env": "SHOT_WEBHOOK_SECRET"},
+            {"name": "finance-slack", "type": "slack", "url_env": "SHOT_SLACK_URL"},
+            {"name": "finance-mail", "type": "email", "to": ["finance@example.com"]}]
+        config = {
+            "allow_private_targets": True, "retry_s": 600, "timeout_s": 2, "lease_s": 10,
+            "smtp": {"host": "127.0.0.1", "port": free_port(), "from": "costwall@example.com"},
+            "channels": channels,
+            "rules": [{"events": ["budget.threshold"], "channels": [c["name"] for c in channels]},
+                      {"events": ["budget.exhausted", "alert.test"], "channels": ["ops"]}]}
+        env = {"SHOT_WEBHOOK_SECRET": secret,
+               "SHOT_SLACK_URL": f"http://127.0.0.1:{port}/services/T000/B000/xxxx"}
+        stack = Stack(Path(tmp) / "run", env=env, alerts=config,
+                      budgets={"timezone": "UTC", "warn_at": ["0.5", "0.8"],
+                               "tenants": {"acme": {"monthly_usd": "0.02"}}})
+        try:
+            for _ in range(200):  # until the cap refuses: two thresholds, then exhausted
+                try:
+                    stack.client().chat.completions.create(
+                        model="gpt-4o-mini", max_tokens=2000,
+                        messages=[{"role": "user", "content": "Draft the weekly update."}])
+                except openai.APIStatusError:
+                    break
+            sender = stack.gw.alerts
+            assert sender is not None
+
+            def settled() -> bool:  # every delivery tried once: sent, failed or waiting
+                rows = stack.lt.run(sender.deliveries())
+                return bool(rows) and all(r.attempts > 0 and r.last_error != "" for r in rows) \
+                    and {r.status for r in rows} == {"sent", "failed", "pending"}
+
+            deadline = time.monotonic() + 20
+            while not settled():
+                assert time.monotonic() < deadline, "deliveries did not settle"
+                time.sleep(0.2)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(f"{stack.url}/admin/login")
+                page.fill("#token", ADMIN_TOKEN)
+                page.click("button[type=submit]")
+                page.wait_for_url(f"{stack.url}/admin")
+                page.goto(f"{stack.url}/admin/alerts")
+                page.click("form[action='/admin/alerts/test'] button[type=submit]")
+                page.wait_for_url(f"{stack.url}/admin/alerts")
+                time.sleep(1.0)  # the test alert is delivered
+                page.goto(f"{stack.url}/admin/alerts")
+                page.screenshot(path=str(out / "alerts.png"), full_page=True)
+                phone = browser.new_page(viewport={"width": 390, "height": 844},
+                                         device_scale_factor=2, is_mobile=True)
+                phone.context.add_cookies(page.context.cookies())
+                phone.goto(f"{stack.url}/admin/alerts")
+                phone.screenshot(path=str(out / "alerts-phone.png"), full_page=True)
+                browser.close()
+        finally:
+            stack.close()
+            receivers.run(runner.cleanup())
+            receivers.stop()
+    print(out / "alerts.png")
+    print(out / "alerts-phone.png")
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--forecast"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
     target = Path(args[0]) if args else ROOT / "docs" / "screenshots"
-    forecast(target) if "--forecast" in sys.argv else main(target)
+    if "--forecast" in sys.argv:
+        forecast(target)
+    elif "--alerts" in sys.argv:
+        alerts(target)
+    else:
+        main(target)

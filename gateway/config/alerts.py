@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit
 
 from gateway.config.fields import Context, Section, setting
-from gateway.config.kinds import Bool
+from gateway.config.kinds import Bool, Int, Seconds
 
 CHANNEL_TYPES = ("webhook", "slack", "email")
 EVENT_TYPES = ("budget.threshold", "budget.exhausted", "budget.forecast_exceeded",
@@ -101,6 +101,16 @@ class AlertSettings(Section):
     }
     allow_private_targets: bool = setting(False, "allow webhook/Slack targets on loopback or "
                                           "private addresses", Bool())
+    timeout_s: float = setting(10.0, "one delivery attempt, connection to answer (or SMTP "
+                               "conversation)", Seconds(0.1, 300))
+    lease_s: float = setting(60.0, "a claimed delivery is retried by another replica only "
+                             "after this long; at least 2 x timeout_s", Seconds(0.2, 86400))
+    retry_s: float = setting(5.0, "the first retry's delay; doubles per attempt (at most 1 h, "
+                             "+-25 % jitter)", Seconds(0.01, 3600))
+    max_attempts: int = setting(15, "attempts before a delivery is marked failed",
+                                Int(1, 1000))
+    give_up_s: float = setting(86400.0, "a delivery still failing this long after its event "
+                               "is marked failed", Seconds(1, 30 * 86400))
     channels: tuple[Channel, ...] = ()
     rules: tuple[Rule, ...] = ()
     anomaly_factor: int | None = None
@@ -155,6 +165,11 @@ class AlertSettings(Section):
             else:
                 factor = raw_factor
         smtp = _smtp(own.get("smtp"), ctx)
+        # An attempt is cut at timeout_s; a claim must outlive it (and the write that ends it),
+        # or a live replica's slow delivery would be taken over and sent twice.
+        if values["lease_s"] < 2 * values["timeout_s"]:
+            problems.append(f"alerts.lease_s: must be at least 2 x alerts.timeout_s "
+                            f"({2 * values['timeout_s']:g} s)")
         return cls(**values, channels=tuple(channels), rules=tuple(rules),
                    anomaly_factor=factor, smtp=smtp)
 

@@ -166,9 +166,13 @@ class Outbox(Protocol):
     async def outbox_add(self, rows: list[OutboxRow]) -> None:
         """Store rows; an (event id, channel) already stored is left as it is."""
 
-    async def outbox_claim(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
-        """Take up to ``limit`` due pending rows whose lease expired, lease them until
-        ``now + lease_s`` and count the attempt."""
+    async def outbox_claim(self, now: float, lease_s: float, limit: int,
+                           channel: str | None = None) -> list[OutboxRow]:
+        """Take up to ``limit`` due pending rows (of ``channel``, or any) whose lease expired,
+        lease them until ``now + lease_s`` and count the attempt."""
+
+    async def outbox_abandon(self, keep: tuple[str, ...], error: str) -> int:
+        """Mark failed the pending rows of every channel not in ``keep``; return how many."""
 
     async def outbox_finish(self, event_id: str, channel: str, status: str, next_at: float,
                             error: str | None, now: float) -> None:

@@ -46,16 +46,29 @@ class SqliteOutbox:
 
         await self._outbox_call(add)
 
-    async def outbox_claim(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
+    async def outbox_claim(self, now: float, lease_s: float, limit: int,
+                           channel: str | None = None) -> list[OutboxRow]:
         def claim(conn: sqlite3.Connection) -> list[OutboxRow]:
             rows = conn.execute(
                 "UPDATE alert_outbox SET lease_until = ?, attempts = attempts + 1 "
                 "WHERE rowid IN (SELECT rowid FROM alert_outbox WHERE status = 'pending' "
-                "AND next_at <= ? AND lease_until < ? ORDER BY next_at LIMIT ?) "
-                f"RETURNING {_COLS}", (now + lease_s, now, now, limit)).fetchall()
+                "AND next_at <= ? AND lease_until < ? AND (? IS NULL OR channel = ?) "
+                f"ORDER BY next_at LIMIT ?) RETURNING {_COLS}",
+                (now + lease_s, now, now, channel, channel, limit)).fetchall()
             return [_row(r) for r in rows]
 
         result: list[OutboxRow] = await self._outbox_call(claim)
+        return result
+
+    async def outbox_abandon(self, keep: tuple[str, ...], error: str) -> int:
+        def abandon(conn: sqlite3.Connection) -> int:
+            marks = ", ".join("?" * len(keep))
+            return conn.execute(
+                "UPDATE alert_outbox SET status = 'failed', last_error = ?, lease_until = 0 "
+                f"WHERE status = 'pending' AND channel NOT IN ({marks})",
+                (error, *keep)).rowcount
+
+        result: int = await self._outbox_call(abandon)
         return result
 
     async def outbox_finish(self, event_id: str, channel: str, status: str, next_at: float,
@@ -90,15 +103,24 @@ class PgOutbox:
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id, channel) DO NOTHING",
             [(r.event_id, r.channel, r.type, r.body, r.created_at, r.next_at) for r in rows])
 
-    async def outbox_claim(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
+    async def outbox_claim(self, now: float, lease_s: float, limit: int,
+                           channel: str | None = None) -> list[OutboxRow]:
         rows = await self.pool.fetch(
             "UPDATE alert_outbox o SET lease_until = $1, attempts = o.attempts + 1 "
             "FROM (SELECT event_id, channel FROM alert_outbox WHERE status = 'pending' "
-            "AND next_at <= $2 AND lease_until < $2 ORDER BY next_at LIMIT $3 "
-            "FOR UPDATE SKIP LOCKED) d WHERE o.event_id = d.event_id AND o.channel = d.channel "
+            "AND next_at <= $2 AND lease_until < $2 AND ($4::text IS NULL OR channel = $4) "
+            "ORDER BY next_at LIMIT $3 FOR UPDATE SKIP LOCKED) d "
+            "WHERE o.event_id = d.event_id AND o.channel = d.channel "
             "RETURNING o.event_id, o.channel, o.type, o.body, o.created_at, o.status, "
-            "o.attempts, o.next_at, o.last_error, o.sent_at", now + lease_s, now, limit)
+            "o.attempts, o.next_at, o.last_error, o.sent_at", now + lease_s, now, limit,
+            channel)
         return [_row(r) for r in rows]
+
+    async def outbox_abandon(self, keep: tuple[str, ...], error: str) -> int:
+        status = await self.pool.execute(
+            "UPDATE alert_outbox SET status = 'failed', last_error = $1, lease_until = 0 "
+            "WHERE status = 'pending' AND NOT (channel = ANY($2::text[]))", error, list(keep))
+        return int(status.split()[-1])
 
     async def outbox_finish(self, event_id: str, channel: str, status: str, next_at: float,
                             error: str | None, now: float) -> None:
