@@ -17,6 +17,7 @@ from aiohttp import web
 from admin import ops, validate
 from admin.auth import principal, requires
 from admin.errors import BadInput, Missing, TooLarge
+from gateway import rates
 from gateway.money import format_usd
 from gateway.services import GATEWAY
 
@@ -55,7 +56,8 @@ async def get_budget(request: web.Request) -> web.Response:
     period, scopes = await ops.scopes(gw)
     return reply({"period": period, "scopes": [s.as_json() for s in scopes],
                   "warn_at": [str(w) for w in gw.budgets.warn_at],
-                  "override": ops.override_json(gw.overrides.state)})
+                  "override": ops.override_json(gw.overrides.state),
+                  "rate_limits": rates.describe(gw.rates)})
 
 
 @requires("write")

@@ -4,7 +4,10 @@ The numbers in optimisation commits come from here: both versions (and the bare 
 side by side, each scenario alternates between them for ``--rounds`` rounds and keeps each
 one's best, so outside load on a shared machine hits both alike.
 
-    python bench/ab.py HEAD~1 [--rounds 3] [--duration 3]
+    python bench/ab.py HEAD~1 [--rounds 3] [--duration 3] [--after-config bench/after-rates.yaml]
+
+``--after-config`` merges a YAML file into the "after" build's config only, for settings the
+"before" build does not know (``bench/after-rates.yaml``: one rate limit on the bench key).
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--after-config", type=Path, default=None,
+                   help="YAML merged into the 'after' build's config only")
     args = p.parse_args()
+    extra = None
+    if args.after_config is not None:
+        import yaml
+
+        extra = yaml.safe_load(args.after_config.read_text()) or {}
     cpus = sorted(bench.os.sched_getaffinity(0))
     load_cpu, proxy_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
     with tempfile.TemporaryDirectory(prefix="costwall-ab-") as tmp:
@@ -44,7 +54,8 @@ def main() -> int:
             up = servers["direct"] = bench.start_upstream(load_cpu, workdir)
             servers["bare"] = bench.start_bare(up, proxy_cpu, workdir)
             servers["before"] = bench.start_costwall(up, proxy_cpu, workdir, "-before", tree)
-            servers["after"] = bench.start_costwall(up, proxy_cpu, workdir, "-after")
+            servers["after"] = bench.start_costwall(up, proxy_cpu, workdir, "-after",
+                                                    extra=extra)
             pids = [s.proc.pid for s in servers.values()]
             print(f"{'scenario':<24} {'target':<9}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}"
                   f"{'p99 ms':>9}{'ttfb50':>9}{'foreign':>9}{'cpu us':>9}")

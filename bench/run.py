@@ -123,8 +123,10 @@ def start_bare(upstream: Server, cpu: int | None, workdir: Path) -> Server:
                           upstream.url], "/_fake/config", port, cpu, workdir)
 
 
-def costwall_config(directory: Path, upstream: Server, port: int, source: Path = ROOT) -> Path:
-    """A config with budgets on every scope a request touches, a SQLite ledger and one key."""
+def costwall_config(directory: Path, upstream: Server, port: int, source: Path = ROOT,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """A config with budgets on every scope a request touches, a SQLite ledger and one key;
+    ``extra`` is merged in (one level deep: ``budgets`` or ``rate_limits`` entries)."""
     import yaml
 
     budget = {"monthly_usd": HUGE_USD}
@@ -143,18 +145,24 @@ def costwall_config(directory: Path, upstream: Server, port: int, source: Path =
         "keys": [{"name": "bench", "key": VIRTUAL_KEY, "tenant": "bench",
                   "agent": "bench-agent"}],
     }
+    for name, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **value}
+        else:
+            config[name] = value
     path = directory / "costwall.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def start_costwall(upstream: Server, cpu: int | None, workdir: Path, tag: str = "",
-                   source: Path = ROOT) -> Server:
-    """``costwall serve``; ``source`` is the checkout it runs from (``bench/ab.py``)."""
+                   source: Path = ROOT, extra: dict[str, Any] | None = None) -> Server:
+    """``costwall serve``; ``source`` is the checkout it runs from (``bench/ab.py``),
+    ``extra`` config merged into the benchmark's own (``costwall_config``)."""
     port = free_port()
     directory = workdir / f"costwall{tag}"
     directory.mkdir()
-    config = costwall_config(directory, upstream, port, source)
+    config = costwall_config(directory, upstream, port, source, extra)
     return start(f"costwall{tag}", [PY, "-m", "gateway.cli", "serve", "--config", str(config)],
                  "/healthz", port, cpu, workdir, env={"COSTWALL_BENCH_KEY": UPSTREAM_KEY},
                  source=source)

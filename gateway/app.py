@@ -38,6 +38,7 @@ from gateway.ops import setup_ops
 from gateway.pricing import PriceTable, load_price_table
 from gateway.providers import OPENAI
 from gateway.proxy import REQUEST_ID_KEY, new_request_id, setup_routes
+from gateway.rates import open_rates, rates_ctx
 from gateway.routing import Router
 from gateway.services import GATEWAY, OVERRIDE_SETTING, Gateway, OverrideState
 from gateway.store import open_store
@@ -56,7 +57,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GatewayError as exc:
         # 402s count as "blocked" and upstream 5xx as "upstream_error" where they happen.
-        if exc.status < 500 and exc.status != 402 and request.path.startswith("/v1/"):
+        # 429s as "rate_limited" (gateway.rates).
+        if exc.status < 500 and exc.status not in (402, 429) \
+                and request.path.startswith("/v1/"):
             gw = request.app[GATEWAY]
             gw.metrics.child(gw.metrics.requests, "rejected", "-").inc()
         access_log.info("answered %d %s", exc.status, exc.code,
@@ -66,7 +69,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         body = ERROR_KINDS.get(request.path, OPENAI).error_body(exc)
         return web.Response(
             status=exc.status, body=body, content_type="application/json",
-            headers={"X-Costwall-Request-Id": request[REQUEST_ID_KEY]},
+            headers=[("X-Costwall-Request-Id", request[REQUEST_ID_KEY]), *exc.headers],
         )
     except web.HTTPException as exc:
         if not request.path.startswith("/v1/") or exc.status < 400:
@@ -150,6 +153,7 @@ def build_gateway(
     gw = Gateway(settings, prices, store.ledger, store.budgets, KeyRing(settings.keys),
                  AuditTrail(settings.logs_dir, clock, store.audit, tz=settings.budgets.tz),
                  metrics, clock, follow=store.follow, router=Router(resolved(settings)))
+    gw.rates = open_rates(settings, metrics, clock, getattr(store.ledger, "replica", None))
     # Real time, not the injected clock: leases, backoff and webhook-timestamp are wall time.
     gw.alerts = Alerts(settings.alerts, store.ledger, metrics.alerts,
                        admin_url=ADMIN_PREFIX + "/alerts")
@@ -172,6 +176,8 @@ def create_app(settings: Settings, **parts: object) -> web.Application:
                           handler_args={"keepalive_timeout": settings.header_timeout_s})
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources(gw, gw.follow))
+    if gw.rates is not None:
+        app.cleanup_ctx.append(rates_ctx(gw.rates))
     assert gw.alerts is not None
     app.cleanup_ctx.append(alerts_ctx(gw.alerts))
     app.cleanup_ctx.append(anomaly_watch(gw))

@@ -18,6 +18,7 @@ from gateway.errors import BudgetExceeded
 from gateway.estimate import Estimate
 from gateway.ledger import LedgerEntry
 from gateway.pricing import ModelPrice, Usage
+from gateway.ratelimit import RateTicket
 from gateway.settlement import UsageSource
 
 
@@ -49,6 +50,7 @@ class Call:
     override_reason: str | None = None
     blocked_by: BudgetExceeded | None = None  # the scope an override let this request past
     entry: LedgerEntry | None = None
+    rate: RateTicket | None = None  # what its rate limits counted (gateway.rates)
     # Facts for settling (gateway.settlement.decide), gathered by forward and the relays.
     sent: bool = False       # the request may have reached the upstream
     answered: bool = False   # an answer arrived (a whole body, or a stream however it ended)

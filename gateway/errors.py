@@ -20,6 +20,7 @@ class GatewayError(Exception):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers (Retry-After, ...)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -133,6 +134,28 @@ class BudgetExceeded(GatewayError):
         # (``APIStatusError.body``), so the top-level copy is out of their reach.
         body["error"]["budget"] = body["budget"]
         return body
+
+
+class RateLimited(GatewayError):
+    """429: over a rate limit (``gateway.ratelimit``). Unlike a budget, a rate limit frees
+    within a minute, so a 429 with ``Retry-After`` is right: the SDK waits and retries."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, headers: list[tuple[str, str]]):
+        super().__init__(message)
+        self.headers = tuple(headers)
+
+
+class RatesUnavailable(ServiceUnavailable):
+    """503: the shared rate-limit store is unreachable and ``rate_limits.on_store_error`` is
+    ``closed``. ``x-should-retry: false`` keeps the openai SDK from retrying at once, so a fleet
+    does not multiply its load on a gateway whose database is away."""
+
+    code = "rate_limits_unavailable"
+    headers = (("Retry-After", "5"), ("x-should-retry", "false"))
 
 
 class UpstreamAuthFailed(GatewayError):

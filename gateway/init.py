@@ -56,6 +56,10 @@ budgets:
 override:
   allow: false                                   # ALLOW_BUDGET_OVERRIDE
 
+# rate_limits:                                   # past a limit: 429 with Retry-After
+#   keys: {{first-agent: {{rpm: 600, tpm: 200000, concurrent: 20}}}}
+#   users_default: {{rpm: 30}}                     # each end user (X-Costwall-User)
+
 keys:                                            # virtual keys agents present as their API key
   - name: first-agent
     # SHA-256 of the key `costwall init` printed once (or give `key: sk-cw-...` in clear).

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("costwall.metrics")
 
-OUTCOMES = ("allowed", "blocked", "override", "upstream_error", "rejected")
+OUTCOMES = ("allowed", "blocked", "override", "upstream_error", "rejected", "rate_limited")
 TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")
 # Seconds. Fine steps at the low end resolve a 20 ms embedding (and the gateway's own few ms);
 # coarse steps at the high end still separate a 2-minute reasoning stream from a 5-minute one.
@@ -160,6 +160,11 @@ class Metrics:
             "upstream billed past the documented bound.", ["scope"], registry=r)
         self.alerts = Counter("costwall_alerts", "Alert delivery attempts by outcome (sent, "
                               "retry, failed).", ["channel", "type", "outcome"], registry=r)
+        # The scope's kind only (never a tenant, key or end user id): the 429's message names it.
+        self.rate_limited = Counter(
+            "costwall_rate_limited", "Requests refused by a rate limit (429), by scope kind "
+            "(global, tenant, agent, key, user) and limit kind (rpm, tpm, concurrent).",
+            ["scope", "kind"], registry=r)
         self.usage_invalid = Counter(
             "costwall_usage_invalid",
             "Upstream usages not believed (malformed or beyond what the request allows).",

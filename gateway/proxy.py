@@ -47,6 +47,7 @@ from gateway.inbound import (
 from gateway.ledger import LedgerEntry
 from gateway.money import format_usd
 from gateway.pricing import Usage
+from gateway.ratelimit import tighter_than, used_tokens
 from gateway.services import GATEWAY, Gateway
 from gateway.settlement import LEDGER_MAX_COST, Charge, UsageSource, decide, output_items
 from gateway.upstream import (
@@ -91,8 +92,15 @@ async def admit(gw: Gateway, request: web.Request, route: Endpoint) -> Call:
     call = Call(request[REQUEST_ID_KEY], time.perf_counter(), route, key, agent, campaign,
                 task, model, price, payload, body, est, payload.get("stream") is True, user,
                 upstream)
-    await reserve(gw, call, override_reason)
-    rewrite_body(call)
+    if gw.rates is not None:  # before the budget: a 429 is never reserved, sent or charged
+        await gw.rates.admit(call)
+    try:
+        await reserve(gw, call, override_reason)
+        rewrite_body(call)
+    except BaseException:
+        if call.rate is not None:  # refused (402) or failed before forwarding: give it back
+            call.rate.close(False, None)
+        raise
     return call
 
 
@@ -178,8 +186,11 @@ async def record_pending(gw: Gateway, call: Call) -> None:
 
 
 # -- forwarding -------------------------------------------------------------------------------
-def _our_headers(gw: Gateway, call: Call) -> list[tuple[str, str]]:
+def _our_headers(gw: Gateway, call: Call,
+                 relayed: list[tuple[str, str]]) -> list[tuple[str, str]]:
     headers = [("X-Costwall-Request-Id", call.id)]
+    if call.rate is not None:  # x-ratelimit-*: the tighter of ours and the upstream's
+        headers += tighter_than(relayed, call.rate.headers)
     if call.reservation is not None:
         if call.reservation.clamped_tokens is not None:
             headers.append(("X-Costwall-Clamped-Max-Tokens", str(call.reservation.clamped_tokens)))
@@ -257,7 +268,7 @@ def relay_body(gw: Gateway, call: Call, upstream: aiohttp.ClientResponse,
     key = call.upstream.api_key
     # All headers as one list: the response builds its header dict once from it.
     out = client_response_headers(upstream.headers.items(), key)
-    out += _our_headers(gw, call)
+    out += _our_headers(gw, call, out)
     if upstream.status == 401:  # the upstream refused costwall's key, not the agent's
         return upstream_auth_failed(call.upstream, call.route.kind, out)
     if upstream.status == 403:  # relayed as is, marked as the upstream's refusal
@@ -277,7 +288,7 @@ async def relay_stream(
     assert call.upstream is not None
     key = call.upstream.api_key
     headers = client_response_headers(upstream.headers.items(), key)
-    headers += _our_headers(gw, call)
+    headers += _our_headers(gw, call, headers)
     response = web.StreamResponse(status=upstream.status, headers=headers)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
@@ -346,6 +357,8 @@ def settle(gw: Gateway, call: Call) -> None:
         queued=call.route.server_state and call.payload.get("background") is True,
         partial=call.partial, countable=call.route.countable)
     call.usage, call.usage_source, call.fee = charge.usage, charge.source, charge.fee
+    if call.rate is not None:  # the slot is freed and the token bound corrected, once
+        call.rate.close(call.sent, used_tokens(charge))
     for problem in charge.problems:
         gw.record_invalid_usage(call, problem)
     if charge.source is UsageSource.UPSTREAM and call.route.server_state \

@@ -30,6 +30,7 @@ from gateway.keys import KeyRing
 from gateway.metrics import Metrics
 from gateway.money import PICO_PER_USD, format_usd
 from gateway.pricing import PriceTable
+from gateway.rates import Rates
 from gateway.routing import Router
 from gateway.store.interfaces import Ledger
 
@@ -95,6 +96,7 @@ class Gateway:
     # Starts the task that follows admin changes made by other replicas (shared stores).
     follow: Callable[[Gateway], asyncio.Task[None]] | None = None
     alerts: Alerts | None = None  # set by ``build_gateway``
+    rates: Rates | None = None  # None: no rate limit configured (``gateway.rates``)
 
     # -- label hygiene: only configured names become metric labels ----------------------------
     def agent_label(self, agent: str) -> str:

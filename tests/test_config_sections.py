@@ -104,7 +104,7 @@ def test_unknown_key_tables_are_derived_from_the_declarations_and_unchanged() ->
     by_hand = {
         "": frozenset({"server", "upstream", "database", "logs_dir", "reports_dir", "pricing",
                        "unknown_model", "admin", "budgets", "override", "keys", "logging",
-                       "limits", "invoices", "ledger", "alerts", "upstreams"}),
+                       "limits", "invoices", "ledger", "alerts", "upstreams", "rate_limits"}),
         "alerts": frozenset({"channels", "rules", "allow_private_targets", "anomaly", "smtp",
                              "timeout_s", "lease_s", "retry_s", "max_attempts", "give_up_s"}),
         "server": frozenset({"host", "port"}),
@@ -125,6 +125,8 @@ def test_unknown_key_tables_are_derived_from_the_declarations_and_unchanged() ->
         "override": frozenset({"allow"}),
         "upstream_entry": frozenset({"name", "kind", "base_url", "api_key_env", "models",
                                      "timeout_s", "connect_timeout_s", "max_connections"}),
+        "rate_limits": frozenset({"global", "tenants", "agents", "keys", "users",
+                                  "users_default", "on_store_error"}),
     }
     assert by_hand == SECTION_KEYS
     for kind, later in NOT_YET.items():  # a key is either read or "not yet", never both

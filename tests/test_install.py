@@ -96,7 +96,7 @@ pricng: x.yaml
 def test_contract_keys_not_built_yet_say_so_and_missing_fields_read_well(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("""
-rate_limits: {global: {rpm: 5}}
+rate_limits: {global: {rpm: 0}}
 budgets:
   agents: {research: {weekly_usd: 150}}
   users_default: {daily_usd: 2}
@@ -108,7 +108,8 @@ keys:
 """)
     problems = problems_of(path)
     for expected in [
-            "rate_limits: not supported by this version of costwall yet",
+            "rate_limits.global.rpm: must be a positive whole number, got 0 (leave it out for "
+            "no limit)",
             "invoices.email_to: expected a list of e-mail addresses",
             'budgets.tenants.acme.monthly_usd: expected an amount in USD such as 200 or "12.50",'
             " got nothing",

@@ -21,7 +21,7 @@ PURE_MODULES = (
     "gateway.money", "gateway.pricing", "gateway.tokens", "gateway.estimate", "gateway.usage",
     "gateway.headers", "gateway.budget", "gateway.budget_rules", "gateway.bounds",
     "gateway.errors", "gateway.endpoints", "gateway.settlement", "gateway.forecast",
-    "gateway.messages", "gateway.providers", "gateway.routing",
+    "gateway.messages", "gateway.providers", "gateway.routing", "gateway.ratelimit",
     "admin.fmt", "admin.charts", "admin.errors",
 )
 # Network, database, web and process libraries (a module or any submodule of it).

@@ -37,7 +37,7 @@ class ConfigError(Exception):
 # Keys the contract names that this version does not implement yet, per section ("" is the top
 # level, "budget_entry" a cap such as budgets.tenants.acme): they get their own message.
 NOT_YET: dict[str, frozenset[str]] = {
-    "": frozenset({"rate_limits"}),
+    "": frozenset(),
 }
 
 

@@ -16,6 +16,7 @@ from gateway.config.alerts import AlertSettings
 from gateway.config.budgets import BudgetSettings
 from gateway.config.fields import Section
 from gateway.config.keys import VirtualKey
+from gateway.config.rates import RateLimitSettings
 from gateway.config.sections import (
     AdminSettings,
     GeneralSettings,
@@ -69,6 +70,7 @@ class Settings:
     invoices: InvoiceSettings = field(default_factory=InvoiceSettings)
     override: OverrideSettings = field(default_factory=OverrideSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     keys: tuple[VirtualKey, ...] = ()
     upstreams: tuple[UpstreamEntry, ...] = ()  # empty: the lone ``upstream`` section
 
@@ -213,6 +215,6 @@ SECTIONS: dict[str, type[Section]] = {
     "server": ServerSettings, "upstream": UpstreamSettings, "ledger": LedgerSettings,
     "general": GeneralSettings, "admin": AdminSettings, "budgets": BudgetSettings,
     "limits": LimitsSettings, "logging": LoggingSettings, "invoices": InvoiceSettings,
-    "override": OverrideSettings, "alerts": AlertSettings,
+    "override": OverrideSettings, "alerts": AlertSettings, "rate_limits": RateLimitSettings,
 }
 assert {*SECTIONS, "keys", "upstreams"} == set(Settings.__dataclass_fields__)
