@@ -228,7 +228,7 @@ costwall demo is running (state in {directory})
 Virtual keys:
 {keys}
 
-Monthly caps (campaign market-scan is tiny: expect its first 402 within a minute):
+Caps (campaign market-scan is tiny: expect its first 402 within a minute):
 {caps}
 
 Point an agent at it:
