@@ -15,6 +15,7 @@ from gateway.forecast_service import VIEW_MAX_AGE_S, forecasts
 from gateway.services import GATEWAY, Gateway
 
 TOP_N = 8
+TOP_USERS = 20  # end-user windows on the dashboard, most used first
 LOG_PAGE = 50
 LOG_KINDS = {"all": validate.LOG_KINDS, **{k: (k,) for k in validate.LOG_KINDS}}
 
@@ -23,6 +24,12 @@ LOG_KINDS = {"all": validate.LOG_KINDS, **{k: (k,) for k in validate.LOG_KINDS}}
 async def dashboard(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     period, scopes = await ops.scopes(gw)
+    # End users can be many (every one under users_default has windows): the dashboard shows
+    # the most used ones; the budget API lists them all.
+    users = [v for v in scopes if v.status.scope == "user"]
+    top_users = sorted(users, key=lambda v: -v.status.utilization)[:TOP_USERS]
+    keep = {id(v) for v in top_users}
+    shown = [v for v in scopes if v.status.scope != "user" or id(v) in keep]
     days = await ops.usage(gw, period, "day")
     tops = {group: (await ops.usage(gw, period, group))[:TOP_N]
             for group in ("agent", "campaign", "model")}
@@ -37,7 +44,9 @@ async def dashboard(request: web.Request) -> web.Response:
     found = await forecasts(gw).month(period, max_age=VIEW_MAX_AGE_S)
     projected = {(f.scope, f.id): f for f in found}
     return render(request, "dashboard.html", {
-        "period": period, "scopes": scopes, "overshoot": overshoot,
+        "period": period, "scopes": shown, "more_users": len(users) - len(top_users),
+        "top_users": TOP_USERS,
+        "overshoot": overshoot,
         "overshoot_column": any(v.overshoot[1] for v in scopes),
         "chart": daily_chart(period, by_day, projected=ahead),
         "chart_narrow": daily_chart(period, by_day, width=360, height=220, left=64,

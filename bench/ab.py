@@ -1,8 +1,9 @@
 """Before/after: costwall at a git ref against the working tree, interleaved on one machine.
 
 The numbers in optimisation commits come from here: both versions (and the bare proxy) run
-side by side, each scenario alternates between them for ``--rounds`` rounds and keeps each
-one's best, so outside load on a shared machine hits both alike.
+side by side, each scenario alternates between them for ``--rounds`` rounds (which version
+goes first alternates too: use an even number) and keeps each one's best, so outside load on
+a shared machine hits both alike.
 
     python bench/ab.py HEAD~1 [--rounds 3] [--duration 3] [--after-config bench/after-rates.yaml]
 
@@ -62,8 +63,12 @@ def main() -> int:
             for stream, delay, conc in SCENARIOS:
                 bench.set_delay(up, delay / 1000)
                 rows: dict[str, Any] = {}
-                for _ in range(args.rounds):
-                    for target in ("bare", "before", "after"):
+                for i in range(args.rounds):
+                    # Both versions run pinned to one core, so the one measured second shares
+                    # it with whatever the first still does after its load (flushes, timers):
+                    # alternate who goes second, round by round.
+                    order = ("before", "after") if i % 2 == 0 else ("after", "before")
+                    for target in ("bare", *order):
                         one = bench.measure(servers[target], pids, 1, concurrency=conc,
                                             stream=stream, cpu=load_cpu,
                                             duration=args.duration, warmup=args.warmup)

@@ -15,7 +15,6 @@ total but not in the 5m/1h split, as server tools cause) take tokens out of
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,7 +44,8 @@ class Invalid(Exception):
 class Kit:
     """What the Anthropic side shares with the OpenAI side (``gateway.fake_upstream`` hands
     it over, so neither module imports the other): the state's app key, the recorded-headers
-    type, the one-token word generator, its seed, chunking and the SSE writer."""
+    type, the one-token word generator, its seed, chunking, the SSE writer and the delay and
+    failure knobs."""
 
     state_key: Any
     headers: Callable[[Any], Any]
@@ -53,6 +53,7 @@ class Kit:
     seed: Callable[[Any], int]
     chunks: Callable[[list[str]], list[str]]
     sse: Callable[..., Awaitable[web.StreamResponse]]
+    fault: Callable[[Any], Awaitable[tuple[int, dict[str, str] | None] | None]]
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -162,15 +163,9 @@ def _front(kit: Kit, handler: Callable[[Kit, web.Request, Any, Obj],
         if not headers.get("x-api-key", "").strip() and not (
                 bearer.startswith("Bearer ") and bearer[7:].strip()):
             return error(401, "invalid x-api-key")
-        if state.delay_s > 0:
-            await asyncio.sleep(state.delay_s)
-        if state.fail_next > 0 or state.fail_status is not None:
-            status = state.fail_status or 500
-            if state.fail_next > 0:
-                state.fail_next -= 1
-                if state.fail_next == 0:
-                    state.fail_status = None
-            extra = {"Retry-After": state.retry_after} if state.retry_after else None
+        failure = await kit.fault(state)
+        if failure is not None:
+            status, extra = failure
             return error(status, f"Simulated upstream failure ({status}).", extra)
         if not isinstance(body, dict):
             return error(400, "There was an issue with the format of your request body.")

@@ -252,6 +252,22 @@ def _error(status: int, message: str, param: str | None = None,
     return _json(body, status, headers)
 
 
+async def delay_or_failure(state: FakeUpstreamState
+                           ) -> tuple[int, dict[str, str] | None] | None:
+    """The knobs every simulated route honours, OpenAI's and Anthropic's: the delay, then the
+    failure due, if any, as (status, extra headers)."""
+    if state.delay_s > 0:
+        await asyncio.sleep(state.delay_s)
+    if state.fail_next <= 0 and state.fail_status is None:
+        return None
+    status = state.fail_status or 500
+    if state.fail_next > 0:
+        state.fail_next -= 1
+        if state.fail_next == 0:
+            state.fail_status = None
+    return status, {"Retry-After": state.retry_after} if state.retry_after else None
+
+
 def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Shared front of every /v1 route: record, authenticate, parse, inject failures and delay."""
 
@@ -272,15 +288,9 @@ def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamR
         auth = headers.get("authorization", "")
         if state.require_key and (not auth.startswith("Bearer ") or not auth[7:].strip()):
             return _error(401, "Incorrect API key provided. You must pass a non-empty bearer key.")
-        if state.delay_s > 0:
-            await asyncio.sleep(state.delay_s)
-        if state.fail_next > 0 or state.fail_status is not None:
-            status = state.fail_status or 500
-            if state.fail_next > 0:
-                state.fail_next -= 1
-                if state.fail_next == 0:
-                    state.fail_status = None
-            extra = {"Retry-After": state.retry_after} if state.retry_after else None
+        failure = await delay_or_failure(state)
+        if failure is not None:
+            status, extra = failure
             return _error(status, f"Simulated upstream failure ({status}).", headers=extra)
         if bad_json or (request.method == "POST" and not isinstance(body, dict)):
             return _error(400, "We could not parse the JSON body of your request.")
@@ -586,7 +596,7 @@ def create_fake_upstream(state: FakeUpstreamState | None = None) -> web.Applicat
     add("GET", "/v1/models/{model}", _endpoint(_models))
     # /v1/messages and /v1/messages/count_tokens, sharing this side's helpers.
     fake_anthropic.add_routes(app, fake_anthropic.Kit(STATE_KEY, _Headers, _generate, _seed,
-                                                      _chunks, _sse))
+                                                      _chunks, _sse, delay_or_failure))
     add("*", "/_fake/config", _config)
     add("POST", "/_fake/reset", _reset)
     add("GET", "/_fake/requests", _recorded)

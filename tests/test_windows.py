@@ -425,3 +425,21 @@ def test_the_dashboard_lists_each_window(tmp_path: Path) -> None:
         assert 'name="daily_usd"' in row and 'value="5"' in row and 'data-window="daily"' in row
     finally:
         stack.close()
+
+
+def test_the_dashboard_shows_the_most_used_end_users_and_counts_the_rest(
+        tmp_path: Path) -> None:
+    """Every end user under ``users_default`` has windows; the dashboard lists the 20 most
+    used (the budget API all of them), so a fleet of users cannot flood the page."""
+    stack = Stack(tmp_path, budgets={"users_default": {"daily_usd": "5"}})
+    try:
+        for i in range(23):
+            for _ in range(2 if i == 22 else 1):  # user-22 uses the most
+                chat(stack, **{"X-Costwall-User": f"user-{i}"})
+        page = stack.request("GET", "/admin", headers=ADMIN).body.decode()
+        assert page.count('data-scope="user:') == 20
+        assert 'data-scope="user:user-22"' in page
+        assert "3 more end-user windows" in page
+        assert len([r for r in budget_rows(stack) if r["scope"] == "user"]) == 23
+    finally:
+        stack.close()
