@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -44,30 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench
 
+sys.path.insert(0, str(bench.ROOT))
+from tests.silent import SilentServer
+
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 SECRET = "whsec_" + base64.b64encode(b"bench-webhook-secret-0123456789a").decode()
 SCENARIOS = ((False, 50, 64), (False, 0, 64), (True, 50, 16))  # (stream, delay ms, c)
 TARGETS = ("bare", "quiet", "hang")
-
-
-class SilentServer:
-    """Accepts every TCP connection and never reads or writes: a receiver that hangs."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.port = int(self.sock.getsockname()[1])
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                self.held.append(self.sock.accept()[0])
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
 
 
 def start_gateway(name: str, upstream: bench.Server, cpu: int | None, workdir: Path,

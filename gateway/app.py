@@ -116,7 +116,6 @@ def _resources(gw: Gateway, follow: Callable[[Gateway], asyncio.Task[None]] | No
                                                limit_per_host=0, ttl_dns_cache=300),
                 auto_decompress=True, skip_auto_headers=("User-Agent",),
             )
-        gw.session = gw.sessions[gw.router.upstreams[0].name]
         yield
         if feed is not None:
             feed.cancel()

@@ -23,7 +23,6 @@ from aiohttp import web
 from gateway.alerts import Alerts, event_id
 from gateway.audit import AuditRow, AuditTrail
 from gateway.budget import Budgets, Crossing
-from gateway.budget_rules import WarnRule
 from gateway.config import Settings
 from gateway.errors import BudgetExceeded
 from gateway.keys import KeyRing
@@ -86,9 +85,7 @@ class Gateway:
     metrics: Metrics
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     overrides: Overrides = field(default_factory=Overrides)
-    session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set at startup
-    # One pooled session per upstream (``upstreams[].name``), set at startup; ``session`` is
-    # the first one's.
+    # One pooled session per upstream (``upstreams[].name``), set at startup.
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     router: Router = None  # type: ignore[assignment]  # set by ``build_gateway``
     inflight: int = 0
@@ -223,7 +220,7 @@ class Gateway:
         memory) and being stored. Run once by the alerts sender when it starts."""
         await self.budgets.load_current()
         books = self.budgets.books
-        rule = WarnRule.of(self.settings.budgets.warn_at)
+        rule = self.budgets.rule
         found = [Crossing(scope, ident, book.period, t, state.limit, state.spent)
                  for span in books.current_spans()
                  if (book := books.periods.get(span.period)) is not None

@@ -265,3 +265,32 @@ class ServeProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+
+def serve_replicas(directory: Path, upstream_url: str, database: str,
+                   env: dict[str, str] | None = None, **config: Any) -> list[ServeProcess]:
+    """Two ``costwall serve`` processes (``a`` and ``b``, folders under ``directory``) on one
+    database, started; if one cannot start, none is left running. Logging is at WARNING
+    unless ``config`` says otherwise: stderr is a pipe nobody reads while they run."""
+    config.setdefault("logging", {"level": "WARNING"})
+    replicas = []
+    for name in ("a", "b"):
+        (directory / name).mkdir()
+        path = write_config(directory / name, upstream_url, database=database, **config)
+        replicas.append(ServeProcess(path, env or test_env()))
+    try:
+        for r in replicas:
+            r.start()
+    except BaseException:
+        stop_replicas(replicas)
+        raise
+    return replicas
+
+
+def stop_replicas(replicas: list[ServeProcess]) -> None:
+    """SIGTERM the ones still running (waiting for each), close their stderr pipes."""
+    for r in replicas:
+        if r.proc is not None and r.proc.poll() is None:
+            r.terminate()
+        if r.proc is not None and r.proc.stderr is not None:
+            r.proc.stderr.close()

@@ -12,8 +12,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -29,6 +27,7 @@ from gateway.alerts import Alerts
 from gateway.config import ConfigError, load_settings
 from tests import pg
 from tests.harness import ADMIN_TOKEN, LoopThread, Stack, write_config
+from tests.silent import SilentServer
 from tests.test_budgets import MSG, cap_for
 
 SECRET_KEY = b"0123456789abcdef0123456789abcdef"
@@ -296,28 +295,6 @@ def test_hanging_receiver_does_not_slow_requests(tmp_path: Path, receiver: Recei
                              rows(stack)), timeout=15)
     finally:
         stack.close()
-
-
-class SilentServer:
-    """A TCP server that accepts connections and never says a word (a hung SMTP server or
-    webhook receiver); counts the connections it holds."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.sock.getsockname()[1])
-        self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                self.held.append(self.sock.accept()[0])
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
 
 
 def test_a_hanging_mail_server_holds_none_of_the_request_paths_threads(tmp_path: Path) -> None:

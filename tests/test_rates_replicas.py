@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import pg
-from tests.harness import KEYS, LoopThread, ServeProcess, Stack, free_port, test_env, write_config
+from tests.harness import KEYS, LoopThread, Stack, free_port, serve_replicas, stop_replicas
 from tests.test_rates import CountingUpstream
 
 KEY = "acme-content"
@@ -43,19 +43,12 @@ class Fleet:
         self.url = url
         self.upstream = CountingUpstream(LoopThread(), delay_s=delay_s)
         self.upstream.state.chunk_delay_s = 0
-        self.replicas: list[ServeProcess] = []
-        for name in ("a", "b"):
-            (tmp / name).mkdir()
-            config = write_config(
-                tmp / name, self.upstream.url, database=url, rate_limits=rate_limits,
-                ledger={"pool_size": 3, "reclaim_after_s": RECLAIM_S},
-                logging={"level": "WARNING"})  # stderr is a pipe nobody reads while it runs
-            self.replicas.append(ServeProcess(config, test_env()))
         try:
-            for r in self.replicas:
-                r.start()
+            self.replicas = serve_replicas(
+                tmp, self.upstream.url, url, rate_limits=rate_limits,
+                ledger={"pool_size": 3, "reclaim_after_s": RECLAIM_S})
         except BaseException:
-            self.close()
+            self.upstream.close()
             raise
 
     @property
@@ -63,11 +56,7 @@ class Fleet:
         return [r.url for r in self.replicas]
 
     def close(self) -> None:
-        for r in self.replicas:
-            if r.proc is not None and r.proc.poll() is None:
-                r.terminate()
-            if r.proc is not None and r.proc.stderr is not None:
-                r.proc.stderr.close()
+        stop_replicas(self.replicas)
         self.upstream.close()
 
 

@@ -28,10 +28,9 @@ from tests.harness import (
     KEYS,
     ROOT,
     LoopThread,
-    ServeProcess,
     http_request,
-    test_env,
-    write_config,
+    serve_replicas,
+    stop_replicas,
 )
 
 MAX_TOKENS = 100
@@ -59,28 +58,17 @@ class Fleet:
         self.lt = LoopThread()
         self.state = FakeUpstreamState(delay_s=delay_s)
         self.runner, upstream, _ = self.lt.run(start_fake_upstream(state=self.state))
-        self.replicas: list[ServeProcess] = []
-        for name in ("a", "b"):
-            (tmp / name).mkdir()
-            config = write_config(
-                tmp / name, upstream, database=url,
-                budgets={"global": {"monthly_usd": str(cap)}},
-                ledger={"pool_size": 3, "reclaim_after_s": RECLAIM_S},
-                logging={"level": "WARNING"})  # stderr is a pipe nobody reads while it runs
-            self.replicas.append(ServeProcess(config, test_env()))
         try:
-            for r in self.replicas:
-                r.start()
+            self.replicas = serve_replicas(
+                tmp, upstream, url, budgets={"global": {"monthly_usd": str(cap)}},
+                ledger={"pool_size": 3, "reclaim_after_s": RECLAIM_S})
         except BaseException:
-            self.close()
+            self.lt.run(self.runner.cleanup())
+            self.lt.stop()
             raise
 
     def close(self) -> None:
-        for r in self.replicas:
-            if r.proc is not None and r.proc.poll() is None:
-                r.terminate()
-            if r.proc is not None and r.proc.stderr is not None:
-                r.proc.stderr.close()
+        stop_replicas(self.replicas)
         self.lt.run(self.runner.cleanup())
         self.lt.stop()
 
